@@ -1,0 +1,1 @@
+"""Asynchronous RL: relay, replay buffer, rollout workers, environments, sandbox, losses (rl.md §5)."""
