@@ -1,0 +1,271 @@
+"""Checkpoints: one format for every stage (DESIGN.md §1), and it is the HF one.
+
+A checkpoint is a directory: config.json (HF `GlmMoeDsaConfig` keys), model.safetensors (or shards
++ model.safetensors.index.json), tokenizer.json, and for resumable stages trainer_state.pt.
+Tensor names are those of `GlmMoeDsaForCausalLM` with per-expert weights, as the real zai-org/GLM-5
+checkpoint has them (`model.layers.L.mlp.experts.E.gate_proj.weight`), so
+`transformers.AutoModelForCausalLM.from_pretrained` loads what `save_hf` writes and `load_hf`
+reads what `save_pretrained` writes. The MTP layer is stored as layer `num_hidden_layers`
+(`model.layers.78.*` for GLM-5: eh_proj, enorm, hnorm, shared_head.norm + a decoder layer), which
+transformers ignores.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place,
+so a crash mid-write never leaves a broken checkpoint under the final name.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nanoglm5.config import ModelConfig
+from nanoglm5.model import GLM5, MTPLayer
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, corrupt or does not match the model."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _mtp_prefix(cfg: ModelConfig, i: int) -> str:
+    return f"model.layers.{cfg.num_hidden_layers + i}."
+
+
+def to_hf_state_dict(model: GLM5) -> dict[str, torch.Tensor]:
+    """Our state dict → HF names, stacked experts split per expert."""
+    cfg = model.config
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[name] = t
+            continue
+        m = re.match(r"mtp\.(\d+)\.(.*)", name)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            rest = rest.replace("block.", "", 1).replace("shared_head_norm.", "shared_head.norm.")
+            hf = _mtp_prefix(cfg, i) + rest
+        else:
+            hf = "model." + name
+        e = re.match(r"(.*mlp\.experts)\.(gate_up_proj|down_proj)$", hf)
+        if e:
+            base, which = e.groups()
+            inter = cfg.moe_intermediate_size
+            for j in range(t.shape[0]):
+                if which == "gate_up_proj":
+                    out[f"{base}.{j}.gate_proj.weight"] = t[j, :inter]
+                    out[f"{base}.{j}.up_proj.weight"] = t[j, inter:]
+                else:
+                    out[f"{base}.{j}.down_proj.weight"] = t[j]
+        else:
+            out[hf] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF names → ours. Accepts per-expert weights (checkpoints) or stacked ones (in-memory HF layout)."""
+    out, experts = {}, {}
+    L = cfg.num_hidden_layers
+    for name, t in sd.items():
+        if name == "lm_head.weight":
+            out[name] = t
+            continue
+        if not name.startswith("model."):
+            raise CheckpointError(f"unexpected tensor {name!r}: GLM-5 checkpoints name every tensor 'model.*' or 'lm_head.weight'")
+        rest = name[len("model."):]
+        m = re.match(r"layers\.(\d+)\.(.*)", rest)
+        if m and int(m.group(1)) >= L:  # the MTP layer(s)
+            i, sub = int(m.group(1)) - L, m.group(2)
+            if i >= cfg.num_nextn_predict_layers:
+                continue
+            if sub.startswith(("embed_tokens.", "shared_head.head.")):
+                continue  # shared with the main model
+            sub = sub.replace("shared_head.norm.", "shared_head_norm.")
+            if not sub.startswith(("enorm.", "hnorm.", "eh_proj.", "shared_head_norm.")):
+                sub = "block." + sub
+            rest = f"mtp.{i}.{sub}"
+        e = re.match(r"(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
+        if e:
+            base, j, which = e.group(1), int(e.group(2)), e.group(3)
+            experts.setdefault(base, {}).setdefault(which, {})[j] = t
+        else:
+            out[rest] = t
+    for base, parts in experts.items():
+        n = cfg.n_routed_experts
+        for which in ("gate_proj", "up_proj", "down_proj"):
+            missing = [j for j in range(n) if j not in parts.get(which, {})]
+            if missing:
+                raise CheckpointError(f"{base}: {which} missing for experts {missing[:8]}")
+        out[f"{base}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts["gate_proj"][j], parts["up_proj"][j]], 0) for j in range(n)])
+        out[f"{base}.down_proj"] = torch.stack([parts["down_proj"][j] for j in range(n)])
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def atomic_dir(path: str | Path):
+    """Context manager: yields a temporary directory beside `path`; on success it replaces `path`."""
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = self.path.with_name(f".{self.path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.path.exists():
+            os.replace(self.path, old)  # a crash between these two renames leaves `.old`; read_dir recovers it
+        os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def resolve_dir(path: str | Path) -> Path:
+    """The checkpoint directory, recovering one whose final rename was interrupted."""
+    path = Path(path)
+    if not path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            os.replace(old, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def read_config(path: str | Path) -> ModelConfig:
+    path = resolve_dir(path)
+    f = path / "config.json"
+    if not f.exists():
+        raise CheckpointError(f"{f} not found: {path} is not a checkpoint directory (expected config.json + model.safetensors)")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt: re-save it or use an earlier one") from e
+    try:
+        return ModelConfig.from_hf_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: {e}") from e
+
+
+def save_hf(model: GLM5, path: str | Path, tokenizer=None, extra_files: dict | None = None,
+            max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write `model` (and optionally a tokenizer and extra files) as an HF checkpoint directory, atomically."""
+    sd = to_hf_state_dict(model)
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        _save_shards({k: v.detach().cpu() for k, v in sd.items()}, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+    return Path(path)
+
+
+def _save_shards(sd, path: Path, max_shard_bytes: int):
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or shards), with errors that name the file."""
+    path = resolve_dir(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt ({e})") from e
+    else:
+        raise CheckpointError(f"no model.safetensors (or index) in {path}: the checkpoint is incomplete; "
+                              "re-run the stage that writes it or point at another checkpoint")
+    sd = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f} is listed in the index but missing: the checkpoint is incomplete")
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f} is corrupt or truncated ({e}); delete it and re-save, or resume from an earlier checkpoint") from e
+    return sd
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GLM5:
+    """Build a GLM5 from a checkpoint directory (ours, or transformers' save_pretrained of GlmMoeDsaForCausalLM)."""
+    cfg = read_config(path)
+    if cfg.quantization_config is not None:
+        from nanoglm5 import quant  # int4 checkpoints hold packed weights (quant.py)
+
+        return quant.load_int4(path, device=device)
+    sd = from_hf_state_dict(load_state(path), cfg)
+    with torch.device("meta"):
+        model = GLM5(cfg)
+    if cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in sd):
+        # transformers' GlmMoeDsaForCausalLM neither builds nor saves the MTP layer: start it fresh
+        print(f"[nanoglm5] {path}: no MTP weights in the checkpoint; the MTP layer starts freshly initialised")
+        mtp = torch.nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + i) for i in range(cfg.num_nextn_predict_layers))
+        mtp.apply(model._init)
+        sd.update({f"mtp.{k}": v for k, v in mtp.state_dict().items()})
+    load_into(model, sd, path)
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+        for m in model.moe_layers():  # the router bias stays fp32, as in the reference
+            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+    return model.eval()
+
+
+def load_into(model: GLM5, sd: dict[str, torch.Tensor], path="checkpoint") -> None:
+    """Load our-named tensors into a (possibly meta) model, with errors listing what does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the config: missing {missing[:5]}"
+                              f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch (name, checkpoint, model): {bad[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                          assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
