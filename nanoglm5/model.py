@@ -485,15 +485,17 @@ class GLM5(nn.Module):
     @torch.no_grad()
     def update_router_bias(self, expert_load: torch.Tensor, gamma: float) -> None:
         """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_e += γ·sign(mean load − load_e), per MoE layer.
-        expert_load (n_moe_layers incl. MTP, E) from the last step's ModelOutput (summed over micro-batches)."""
-        routers = [m.gate for m in self.modules() if isinstance(m, MoE)]
-        if expert_load.shape[0] != len(routers):
-            raise ValueError(f"expert_load has {expert_load.shape[0]} rows, the model has {len(routers)} MoE layers")
+        expert_load (n_moe_layers [+ MTP], E) from the last step's ModelOutput (summed over micro-batches)."""
+        routers = [m.gate for m in self.moe_layers()]  # main layers first, then MTP, as forward reports them
+        n_main = self.config.n_moe_layers
+        if expert_load.shape[0] not in (n_main, len(routers)):
+            raise ValueError(f"expert_load has {expert_load.shape[0]} rows; the model has {n_main} MoE layers "
+                             f"({len(routers)} with MTP): pass ModelOutput.expert_load")
         for router, load in zip(routers, expert_load.to(self.lm_head.weight.device)):
             router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)] + [m.block.mlp for m in self.mtp]
 
     def set_moe_loop(self, on: bool) -> None:
         for m in self.moe_layers():
