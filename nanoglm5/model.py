@@ -77,8 +77,10 @@ class Indexer(nn.Module):
 
     def scores(self, x, q, k):
         """x (B,T,H) block input, q (B,T,HI,dI), k (B,S,dI) → index scores (B, T, S) in fp32."""
-        s = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * self.softmax_scale  # (B,T,HI,S)
-        s = F.relu(s)
+        B, T, HI, D = q.shape
+        # one (T·HI, D) @ (D, S) matmul per sequence; a broadcast matmul would copy k T times
+        s = torch.matmul(q.float().reshape(B, T * HI, D), k.float().transpose(-1, -2)).view(B, T, HI, -1)
+        s = F.relu(s * self.softmax_scale)  # (B, T, HI, S)
         w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, HI)
         return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)  # (B, T, S)
 
