@@ -1,0 +1,304 @@
+"""Replay buffer, admission control and leases for asynchronous RL (rl.md §2.6, §5; GLM-5 §4.1).
+
+A plain, single-process class owned by the controller. Rollout workers never touch it: they get
+`Lease`s (through a queue) and send back `Group`s; the controller calls `admit`, `complete`,
+`expire` and `take_batch`.
+
+  Trajectory / Group   what workers produce, token-in-token-out (rl.md §1.5): token ids,
+                       behaviour log-probs, loss mask, reward and per-segment weight versions.
+  admission control    AReaL's staleness manager (rl.md §2.6): a new group is admitted only while
+                       submitted ≤ (η + v + 1)·B, B = groups per train step, v = trainer version.
+                       With batches taken in group_id order ("fifo"), group k is trained at step
+                       ⌊k/B⌋ and was admitted at v ≥ ⌊k/B⌋ − η, so no trained token is more than η
+                       versions stale (workers must pull at least `lease.min_version`); η = 0 is the
+                       synchronous schedule.
+  leases               each admitted group goes out as (group_id, attempt) with a deadline; an
+                       expired lease (a killed or stuck worker) is re-queued ahead of new groups,
+                       and a late result for an expired or re-issued lease is discarded. Commits are
+                       idempotent by group_id: each group is trained exactly once.
+  τ-drop               GLM-5 §4.1: drop a sample if v_train − (its oldest segment version) > τ;
+                       drops and the lengths of dropped samples are counted (rl.md §2.6 caution:
+                       dropping starves slow rollouts, so look at those lengths).
+  state_dict           buffered-but-untrained groups, counters and in-flight leases (re-queued on
+                       load), so a resumed run trains the same multiset of groups (rl.md §5 test 7).
+
+Orders for `take_batch`: "fifo" (default) waits for the B lowest untrained group ids — the
+staleness bound above holds and η = 0 reproduces the synchronous run; "ready" takes the B
+lowest-id groups that are complete — no head-of-line blocking, staleness then bounded only by τ.
+Simplified: the task behind a group_id is the controller's business (e.g. tasks[group_id % n]).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Trajectory:
+    """One sampled response (or multi-turn episode), token-in-token-out.
+
+    tokens:    all token ids, prompt first, then model and environment tokens in order.
+    logprobs:  log μ(token) under the distribution actually sampled (temperature/top-k applied);
+               0.0 where loss_mask is 0. Same length as tokens.
+    loss_mask: 1 = sampled by the policy, trained; 0 = prompt, observation/tool output, padding.
+    reward:    scalar from the environment's checker.
+    versions:  [(start_idx, version)], increasing start_idx, first start_idx 0: tokens from
+               start_idx up to the next segment were generated with weights `version` (one entry
+               unless the worker swapped weights mid-trajectory — partial rollout).
+    meta:      free-form (task_id, turn count, env latency, finish reason...).
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    loss_mask: list[int]
+    reward: float
+    versions: list[tuple[int, int]]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.tokens)
+        if len(self.logprobs) != n or len(self.loss_mask) != n:
+            raise ValueError(
+                f"Trajectory: tokens ({n}), logprobs ({len(self.logprobs)}) and loss_mask "
+                f"({len(self.loss_mask)}) must have the same length"
+            )
+        if not self.versions or self.versions[0][0] != 0:
+            raise ValueError(
+                f"Trajectory: versions must start with a segment at index 0, got {self.versions}"
+            )
+        self.versions = [tuple(s) for s in self.versions]  # JSON round trips turn tuples into lists
+
+    @property
+    def oldest_version(self) -> int:
+        return min(v for _, v in self.versions)
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    def loss_tokens_by_version(self) -> Counter:
+        """{version: number of loss tokens generated with it}."""
+        out, bounds = Counter(), [s for s, _ in self.versions[1:]] + [len(self.tokens)]
+        for (start, v), end in zip(self.versions, bounds):
+            out[v] += sum(self.loss_mask[start:end])
+        return out
+
+
+@dataclass
+class Group:
+    """A GRPO group: the G trajectories sampled for one prompt under one lease."""
+
+    group_id: int
+    attempt: int
+    trajectories: list[Trajectory]
+    task_id: str = ""
+
+    @staticmethod
+    def from_dict(d: dict) -> Group:
+        return Group(
+            d["group_id"], d["attempt"], [Trajectory(**t) for t in d["trajectories"]], d.get("task_id", "")
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Permission for one worker to generate group `group_id` (attempt `attempt`) until `deadline`.
+    The worker must generate with weights of version >= min_version (the trainer version at admission)."""
+
+    group_id: int
+    attempt: int
+    deadline: float
+    min_version: int
+
+
+class ReplayBuffer:
+    """Admission control + leases + completed groups, in group_id order.
+
+    groups_per_step: B, groups per train step.  max_staleness: η (0 = synchronous-equivalent).
+    lease_timeout_s: a lease not completed (or renewed) within this is re-queued.
+    drop_tau: τ for the GLM-5 stale-sample drop (None = off).  order: "fifo" or "ready".
+    clock: time source (monotonic seconds); tests inject a fake one.
+    """
+
+    def __init__(
+        self,
+        groups_per_step: int,
+        max_staleness: int = 0,
+        lease_timeout_s: float = 600.0,
+        drop_tau: int | None = None,
+        order: str = "fifo",
+        clock=time.monotonic,
+    ):
+        if groups_per_step < 1 or max_staleness < 0 or lease_timeout_s <= 0:
+            raise ValueError(
+                f"need groups_per_step >= 1, max_staleness >= 0, lease_timeout_s > 0; got "
+                f"{groups_per_step}, {max_staleness}, {lease_timeout_s}"
+            )
+        if order not in ("fifo", "ready"):
+            raise ValueError(f"order must be 'fifo' or 'ready', got {order!r}")
+        if drop_tau is not None and drop_tau < 0:
+            raise ValueError(f"drop_tau must be >= 0 or None, got {drop_tau}")
+        self.B, self.eta, self.lease_timeout_s = groups_per_step, max_staleness, lease_timeout_s
+        self.drop_tau, self.order, self.clock = drop_tau, order, clock
+        self.submitted = 0  # distinct group ids ever admitted (ids 0..submitted-1)
+        self.leases: dict[int, Lease] = {}  # in flight, by group_id
+        self.requeue: list[int] = []  # expired, waiting to be re-issued (sorted)
+        self.attempts: dict[int, int] = {}  # last attempt issued per untrained group
+        self.done: dict[int, Group] = {}  # completed, not yet trained
+        self.trained: set[int] = set()
+        self.counters = Counter()  # expired, reissued, late_discarded, dropped_samples, ...
+        self.dropped_lengths: list[int] = []
+        self.staleness_hist = Counter()  # {v_train − v_gen: loss tokens}
+
+    # ---- admission and leases ----------------------------------------------------------------
+
+    def can_admit(self, trainer_version: int) -> bool:
+        """Is there work to hand out: a re-queued group, or room under (η + v + 1)·B?"""
+        return bool(self.requeue) or self.submitted + 1 <= (self.eta + trainer_version + 1) * self.B
+
+    def admit(self, trainer_version: int) -> Lease | None:
+        """Issue the next lease (re-queued groups first, lowest id first), or None if staleness forbids."""
+        self.expire()
+        if self.requeue:
+            gid = self.requeue.pop(0)
+            self.counters["reissued"] += 1
+        elif self.can_admit(trainer_version):
+            gid, self.submitted = self.submitted, self.submitted + 1
+        else:
+            return None
+        attempt = self.attempts.get(gid, -1) + 1
+        self.attempts[gid] = attempt
+        lease = Lease(gid, attempt, self.clock() + self.lease_timeout_s, trainer_version)
+        self.leases[gid] = lease
+        return lease
+
+    def renew(self, group_id: int, attempt: int) -> bool:
+        """Heartbeat from a worker on a long (tail) group: push its deadline out. False if stale."""
+        lease = self.leases.get(group_id)
+        if lease is None or lease.attempt != attempt:
+            return False
+        self.leases[group_id] = Lease(
+            group_id, attempt, self.clock() + self.lease_timeout_s, lease.min_version
+        )
+        return True
+
+    def expire(self) -> list[int]:
+        """Re-queue every lease past its deadline; returns their group ids."""
+        now = self.clock()
+        gone = sorted(g for g, lease in self.leases.items() if lease.deadline < now)
+        for g in gone:
+            del self.leases[g]
+        self.requeue = sorted(self.requeue + gone)
+        self.counters["expired"] += len(gone)
+        return gone
+
+    def complete(self, group: Group) -> bool:
+        """Commit a finished group if it answers the live lease; otherwise discard it (late/duplicate)."""
+        lease = self.leases.get(group.group_id)
+        if lease is None or lease.attempt != group.attempt:
+            self.counters["late_discarded"] += 1
+            return False
+        del self.leases[group.group_id]
+        self.done[group.group_id] = group
+        self.counters["completed"] += 1
+        return True
+
+    # ---- consumption -------------------------------------------------------------------------
+
+    def _head(self) -> int:
+        """Lowest group id not yet trained (ids are trained densely in fifo order)."""
+        return len(self.trained) if self.order == "fifo" else min(self.done, default=self.submitted)
+
+    def ready(self, n: int | None = None) -> bool:
+        n = n or self.B
+        if self.order == "fifo":
+            head = self._head()
+            return all(g in self.done for g in range(head, head + n))
+        return len(self.done) >= n
+
+    def take_batch(self, n: int | None = None, trainer_version: int = 0) -> list[Group] | None:
+        """The next n (default B) groups in group_id order, or None if not ready yet.
+
+        Applies the τ-drop to each trajectory (a group emptied by it is left out of the batch but
+        still counts as trained) and records the staleness of every trained loss token.
+        """
+        n = n or self.B
+        if not self.ready(n):
+            return None
+        ids = list(range(self._head(), self._head() + n)) if self.order == "fifo" else sorted(self.done)[:n]
+        batch = []
+        for gid in ids:
+            group = self.done.pop(gid)
+            self.trained.add(gid)
+            self.attempts.pop(gid, None)
+            kept = [t for t in group.trajectories if not self._drop(t, trainer_version)]
+            for t in kept:
+                for v, k in t.loss_tokens_by_version().items():
+                    self.staleness_hist[trainer_version - v] += k
+            if kept:
+                batch.append(Group(group.group_id, group.attempt, kept, group.task_id))
+            else:
+                self.counters["dropped_groups"] += 1
+        self.counters["trained_groups"] += n
+        return batch
+
+    def _drop(self, t: Trajectory, trainer_version: int) -> bool:
+        if self.drop_tau is None or trainer_version - t.oldest_version <= self.drop_tau:
+            return False
+        self.counters["dropped_samples"] += 1
+        self.dropped_lengths.append(len(t.tokens))
+        return True
+
+    def stats(self) -> dict:
+        """A snapshot for logging (counts, staleness histogram, dropped-sample lengths)."""
+        return {
+            "submitted": self.submitted,
+            "in_flight": len(self.leases),
+            "requeued": len(self.requeue),
+            "buffered": len(self.done),
+            "trained": len(self.trained),
+            **self.counters,
+            "staleness_hist": dict(sorted(self.staleness_hist.items())),
+            "dropped_lengths": list(self.dropped_lengths),
+        }
+
+    # ---- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (JSON-serializable). In-flight leases are saved as re-queued:
+        their workers die with the run, so on load they go out again (attempt + 1)."""
+        return {
+            "config": {
+                "groups_per_step": self.B,
+                "max_staleness": self.eta,
+                "drop_tau": self.drop_tau,
+                "order": self.order,
+            },
+            "submitted": self.submitted,
+            "requeue": sorted(self.requeue + list(self.leases)),
+            "attempts": {str(k): v for k, v in self.attempts.items()},
+            "done": [asdict(g) for _, g in sorted(self.done.items())],
+            "trained": sorted(self.trained),
+            "counters": dict(self.counters),
+            "dropped_lengths": list(self.dropped_lengths),
+            "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        cfg = sd["config"]
+        if cfg["groups_per_step"] != self.B or cfg["order"] != self.order:
+            raise ValueError(
+                f"load_state_dict: checkpoint has groups_per_step={cfg['groups_per_step']}, "
+                f"order={cfg['order']!r}; this buffer has {self.B}, {self.order!r}"
+            )
+        self.submitted = sd["submitted"]
+        self.leases = {}
+        self.requeue = sorted(sd["requeue"])
+        self.attempts = {int(k): v for k, v in sd["attempts"].items()}
+        self.done = {d["group_id"]: Group.from_dict(d) for d in sd["done"]}
+        self.trained = set(sd["trained"])
+        self.counters = Counter(sd["counters"])
+        self.dropped_lengths = list(sd["dropped_lengths"])
+        self.staleness_hist = Counter({int(k): v for k, v in sd["staleness_hist"].items()})
