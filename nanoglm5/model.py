@@ -123,6 +123,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.dv, cfg.hidden_size, bias=bias)
         self.indexer = Indexer(cfg)
         self.scale = (self.dn + self.dr) ** -0.5
+        # How exact ties in the index scores are broken (ReLU makes all-zero scores common):
+        #  "topk"   torch.topk on the causally masked row, as the reference does: equal to transformers, but
+        #           topk's order among ties depends on the row's length, so a token's selection can change
+        #           when more (masked) future tokens are in the tensor: cache decode ≠ full recompute on ties.
+        #  "stable" ties go to the earlier position: the selection depends only on visible scores, so cache
+        #           decode, batching and full recompute agree exactly. The engine and RL use this.
+        self.tie_break = "topk"
 
     # -- projections --------------------------------------------------------------------------
     def project(self, x, cos, sin):
@@ -202,7 +209,11 @@ class Attention(nn.Module):
                 index_scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)
         if select:
             # causal mask added BEFORE top-k, so the selection never contains the future
-            topk = index_scores.detach().masked_fill(~allowed, float("-inf")).topk(self.cfg.index_topk, -1).indices
+            masked = index_scores.detach().masked_fill(~allowed, float("-inf"))
+            if self.tie_break == "stable":
+                topk = masked.sort(dim=-1, descending=True, stable=True).indices[..., : self.cfg.index_topk]
+            else:
+                topk = masked.topk(self.cfg.index_topk, dim=-1).indices
 
         if impl == "auto":
             impl = "absorbed" if (topk is not None or cache is not None) else "dense"
@@ -338,6 +349,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
         load = torch.bincount(idx.reshape(-1), minlength=E).float()
+        if not torch.is_grad_enabled():
+            return out, load, None
         # f_i = E/(k·T) · #tokens of the sequence routed to i; P_i = mean_t of normalised scores
         chosen = torch.zeros(B * T, E, device=x.device).scatter(1, idx, 1.0).view(B, T, E)
         f = chosen.sum(1) * E / (k * T)
@@ -463,7 +476,8 @@ class GLM5(nn.Module):
         loads = [ld for ld in loads if ld is not None]
         if loads:
             out.expert_load = torch.stack(loads).detach()
-            out.balance_loss = torch.stack([b for b in balances if b is not None]).mean()
+            balances = [b for b in balances if b is not None]
+            out.balance_loss = torch.stack(balances).mean() if balances else None
         return out
 
     def _mtp_loss(self, hidden, input_ids, targets, cos, sin, positions, sparse, want_kl, kls, loads, balances):
@@ -495,6 +509,14 @@ class GLM5(nn.Module):
                              f"({len(routers)} with MTP): pass ModelOutput.expert_load")
         for router, load in zip(routers, expert_load.to(self.lm_head.weight.device)):
             router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+
+    def set_tie_break(self, mode: str) -> None:
+        """DSA top-k tie-breaking, "topk" (reference-exact, default) or "stable" (see Attention.__init__)."""
+        if mode not in ("topk", "stable"):
+            raise ValueError(f"tie_break={mode!r}: use 'topk' (equal to transformers) or 'stable' (cache-consistent)")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.tie_break = mode
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)] + [m.block.mlp for m in self.mtp]

@@ -1,0 +1,547 @@
+"""OpenAI-compatible HTTP server around engine.py (research/int4_serve_data.md §B1, DESIGN.md §7).
+
+Holds, top to bottom: OpenAI's error shape and the handlers that turn FastAPI's 422 into 400 (as vLLM and
+SGLang do); the request schemas (strict types, unknown fields accepted and ignored, as vLLM does);
+`EngineWorker`, the one background thread that owns the engine and steps it while any request is live,
+feeding each HTTP request's asyncio queue; text assembly (incremental detokenization, stop strings,
+streaming hold-back); and `create_app`, the FastAPI app with /v1/chat/completions, /v1/completions,
+/v1/models and /health.
+
+Concurrency: every request only tokenizes, submits to the worker and awaits its queue, so concurrent
+requests share the engine's running batch (continuous batching). Beyond max_batch running sequences
+requests wait in the engine's queue; beyond max_queue waiting ones the server answers 429 at once.
+A client that disconnects (mid-stream or while waiting) has its requests aborted, freeing their slots.
+
+Simplified: no auth, no presence/frequency penalties or logit_bias (accepted, ignored), no `echo`, no tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoglm5.engine import Engine, SamplingParams
+
+MAX_N = 16  # choices per request
+MAX_TOP_LOGPROBS = 20
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or {400: "invalid_request_error", 404: "NotFoundError", 429: "rate_limit_exceeded",
+                             500: "internal_error"}.get(status, "error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError):
+    """FastAPI answers bad bodies with 422; OpenAI servers say 400 and name the field (vLLM's handler)."""
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+    elif loc:
+        msg = f"{'.'.join(loc)}: {msg}"
+    return _error_response(APIError(400, msg, ".".join(loc) or None, "BadRequestError"))
+
+
+async def _api_error_handler(request: Request, exc: APIError):
+    return _error_response(exc)
+
+
+async def _http_handler(request: Request, exc: StarletteHTTPException):
+    return _error_response(APIError(exc.status_code, str(exc.detail), None, "NotFoundError" if exc.status_code == 404
+                                    else "invalid_request_error"))
+
+
+# ---------------------------------------------------------------------------------------------- request schemas
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # wrong types → 400; unknown fields ignored (vLLM)
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    # developer = system and tool = observation in GLM's template
+    role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extra
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extra
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- engine worker
+@dataclass
+class _Sub:
+    loop: asyncio.AbstractEventLoop
+    q: asyncio.Queue
+    index: int  # choice index within its HTTP request
+
+
+class EngineWorker:
+    """One thread owns the engine: it takes new requests and aborts from an inbox, steps the engine while any
+    request is live, and pushes (index, token, logprob, top, completion) or (index, error) onto each HTTP
+    request's asyncio queue. An exception in a step fails the requests in flight (500) and the loop goes on."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64):
+        self.engine, self.max_queue = engine, max_queue
+        self.inbox: queue.Queue = queue.Queue()
+        self.subs: dict[str, _Sub] = {}
+        self.lock = threading.Lock()
+        self.live = 0  # requests submitted and not yet finished or aborted
+        self.stopped = False
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stopped = True
+        self.inbox.put(("wake",))
+        self.thread.join(timeout=10)
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[str], asyncio.Queue]:
+        """Queue one engine request per (prompt, params); 429 when the server is full."""
+        with self.lock:
+            if self.live + len(prompts) > self.engine.max_batch + self.max_queue:
+                raise APIError(429, f"server busy: {self.live} requests in flight, limit max_batch + max_queue = "
+                                    f"{self.engine.max_batch + self.max_queue}; retry later")
+            self.live += len(prompts)
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        rids = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            rid = f"r{next(self._ids)}"
+            self.subs[rid] = _Sub(loop, q, i)
+            self.inbox.put(("add", rid, p, sp))
+            rids.append(rid)
+        return rids, q
+
+    def abort(self, rids: list[str]):
+        for rid in rids:
+            self.inbox.put(("abort", rid))
+
+    def _push(self, rid: str, item: tuple, final: bool):
+        sub = self.subs.pop(rid, None) if final else self.subs.get(rid)
+        if sub is None:
+            return
+        if final:
+            with self.lock:
+                self.live -= 1
+        sub.loop.call_soon_threadsafe(sub.q.put_nowait, (sub.index, *item))
+
+    def _drain_inbox(self, block: bool):
+        try:
+            msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if msg[0] == "add":
+                _, rid, p, sp = msg
+                if rid in self.subs:  # not aborted before it arrived
+                    try:
+                        self.engine.add_request(p, sp, request_id=rid)
+                    except ValueError as e:
+                        self._push(rid, ("error", APIError(400, str(e))), final=True)
+            elif msg[0] == "abort":
+                if self.engine.abort(msg[1]) or msg[1] in self.subs:
+                    self._push(msg[1], ("error", APIError(499, "aborted")), final=True)
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self):
+        while not self.stopped:
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # fail what is in flight, keep serving
+                traceback.print_exc()
+                for rid in list(self.engine.running) + [r.id for r in self.engine.waiting]:
+                    self.engine.abort(rid)
+                    self._push(rid, ("error", APIError(500, f"engine error: {type(e).__name__}: {e}")), final=True)
+                continue
+            for ev in events:
+                top = self.engine.last_top.get(ev.request_id)
+                self._push(ev.request_id, ("token", ev.token_id, ev.logprob, top, ev.completion),
+                           final=ev.completion is not None)
+
+
+# ---------------------------------------------------------------------------------------------- text assembly
+class TextState:
+    """Incremental detokenization of one choice: decodes all tokens so far (byte-level BPE can split a
+    character across tokens), cuts at the first stop string, and holds back a tail that could still grow
+    into a stop string or is an unfinished UTF-8 character, so streamed deltas never need retracting."""
+
+    def __init__(self, tokenizer, stop: list[str], stop_ids: set[int]):
+        self.tok, self.stop, self.stop_ids = tokenizer, stop, stop_ids
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.text, self.stopped = "", False
+
+    def add(self, token_id: int, final: bool) -> str:
+        """Add one token; return the new text that is safe to emit."""
+        if self.stopped:
+            return ""
+        if token_id not in self.stop_ids:
+            self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.stopped, final = text[:cut], True, True
+        self.text = text
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                safe -= 1
+            for s in self.stop:  # longest suffix of text that is a prefix of a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        delta = text[self.sent : max(safe, self.sent)]
+        self.sent = max(safe, self.sent)
+        return delta
+
+
+# ---------------------------------------------------------------------------------------------- the app
+@dataclass
+class ServerLimits:
+    max_seq_len: int
+    default_max_tokens: int  # chat requests without max_tokens: min(this, what the context leaves)
+
+
+def _load(source, device):
+    if isinstance(source, (str, Path)):
+        from nanoglm5.checkpoint import load_hf
+        from nanoglm5.tokenizer import Tokenizer
+
+        path = Path(source)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the server needs the checkpoint's tokenizer; "
+                                    "save it with save_hf(model, dir, tokenizer=tok) or copy data/tokenizer.json there")
+        return load_hf(path, device=device or "cpu"), Tokenizer.load(path), path.name
+    model, tokenizer = source
+    return model, tokenizer, "nanoglm5"
+
+
+def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192, max_seq_len: int | None = None,
+               max_queue: int = 64, model_name: str | None = None, default_max_tokens: int = 256,
+               device: str | None = None) -> FastAPI:
+    """source: a checkpoint directory (config.json, model.safetensors, tokenizer.json) or (model, tokenizer)."""
+    model, tok, default_name = _load(source, device)
+    model.eval()
+    engine = Engine(model, tok, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
+                    max_seq_len=max_seq_len, device=device)
+    worker = EngineWorker(engine, max_queue)
+    name = model_name or default_name
+    limits = ServerLimits(engine.max_seq_len, default_max_tokens)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="nanoGLM5", lifespan=lifespan)
+    app.state.engine, app.state.worker, app.state.model_name = engine, worker, name
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(APIError, _api_error_handler)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "nanoglm5",
+                                            "root": name, "parent": None, "max_model_len": limits.max_seq_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        _check_model(body.model, name)
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+            role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+            messages.append({"role": role, "content": content or ""})
+        prompt = tok.render_prompt(messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        n_top = _range("top_logprobs", body.top_logprobs or 0, 0, MAX_TOP_LOGPROBS)
+        if n_top and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = max(n_top, 1) if body.logprobs else 0
+        params = _params(body, [prompt], max_tokens, limits, logprobs, "messages", list(tok.stop_ids))
+        return await _respond(request, worker, tok, body, [prompt], params, name, chat=True, n_top=n_top)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model, name)
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server; send echo: false", "echo")
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [tok.encode(p)]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        else:
+            prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in p]
+        if not prompts:
+            raise APIError(400, "prompt is empty", "prompt")
+        n_top = _range("logprobs", body.logprobs or 0, 0, MAX_TOP_LOGPROBS)
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's legacy default
+        params = _params(body, prompts, max_tokens, limits, n_top, "prompt", [tok.eos_id])
+        return await _respond(request, worker, tok, body, prompts, params, name, chat=False,
+                              n_top=n_top if body.logprobs is not None else None)
+
+    return app
+
+
+def _check_model(requested, name):
+    if requested is not None and requested != name:
+        raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}` (GET /v1/models)",
+                       "model")
+
+
+def _range(param, value, lo, hi):
+    if not lo <= value <= hi:
+        raise APIError(400, f"{param}={value} is out of range: it must be between {lo} and {hi}", param)
+    return value
+
+
+def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_param, stop_ids) -> list[SamplingParams]:
+    """Validate the sampling fields against the limits; one SamplingParams per (prompt, choice)."""
+    _range("n", body.n, 1, MAX_N)
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"top_p={top_p} is out of range: it must be in (0, 1]", "top_p")
+    temperature = _range("temperature", 1.0 if body.temperature is None else body.temperature, 0, 2)
+    top_k = _range("top_k", body.top_k or 0, 0, 1 << 30)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stop):
+        raise APIError(400, "stop strings must be non-empty", "stop")
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise APIError(400, "the prompt is empty", prompt_param)
+    if longest >= limits.max_seq_len:
+        raise APIError(400, f"the prompt has {longest} tokens, but the context is max_seq_len={limits.max_seq_len} "
+                            "tokens (prompt + completion); shorten the prompt", prompt_param)
+    room = limits.max_seq_len - longest
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, room)
+    if max_tokens < 1 or max_tokens > room:
+        raise APIError(400, f"max_tokens={max_tokens} is out of range: the prompt has {longest} tokens and the "
+                            f"context is max_seq_len={limits.max_seq_len}, so max_tokens must be between 1 and {room}",
+                       "max_tokens")
+    out = []
+    for _ in prompts:
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + i  # n choices from one seed must differ
+            out.append(SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      seed=seed, stop=stop, stop_token_ids=stop_ids + list(body.stop_token_ids or []),
+                                      logprobs=logprobs))
+    return out
+
+
+async def _events(request: Request, q: asyncio.Queue):
+    """Items of one HTTP request's queue; raises ConnectionError when the client went away."""
+    while True:
+        try:
+            yield await asyncio.wait_for(q.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ConnectionError("client disconnected") from None
+
+
+def _token_str(tok, i: int) -> str:
+    return tok.decode([i])
+
+
+def _chat_logprob(tok, t, top, n_top):
+    best = sorted(top.items(), key=lambda kv: -kv[1])[:n_top]
+    s = _token_str(tok, t)
+    return {"token": s, "logprob": top[t], "bytes": list(s.encode()),
+            "top_logprobs": [{"token": _token_str(tok, i), "logprob": v, "bytes": list(_token_str(tok, i).encode())}
+                             for i, v in best]}
+
+
+async def _respond(request, worker, tok, body, prompts, params, name, chat: bool, n_top):
+    flat_prompts = [p for p in prompts for _ in range(body.n)]
+    rids, q = worker.submit(flat_prompts, params)
+    created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    obj = "chat.completion" if chat else "text_completion"
+    stop_ids = set(params[0].stop_token_ids)
+    states = [TextState(tok, p.stop, stop_ids) for p in params]
+    want_logprobs = params[0].logprobs > 0
+    usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0, "total_tokens": 0}
+
+    def finish_usage():
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return usage
+
+    if not body.stream:
+        results: dict[int, dict] = {}
+        logs = [[] for _ in params]
+        try:
+            async for idx, kind, *rest in _events(request, q):
+                if kind == "error":
+                    worker.abort(rids)
+                    raise rest[0]
+                t, _, top, comp = rest
+                if want_logprobs and t not in stop_ids and not states[idx].stopped:
+                    logs[idx].append((t, top))
+                states[idx].add(t, final=comp is not None)
+                if comp is not None:
+                    usage["completion_tokens"] += len(comp.token_ids)
+                    results[idx] = {"finish_reason": comp.finish_reason}
+                    if len(results) == len(params):
+                        break
+        except ConnectionError:  # nobody is listening any more: free the slots
+            worker.abort(rids)
+            return JSONResponse(APIError(499, "client disconnected").body(), status_code=499)
+        except asyncio.CancelledError:
+            worker.abort(rids)
+            raise
+        choices = []
+        for i, st in enumerate(states):
+            c = {"index": i, "finish_reason": results[i]["finish_reason"], "logprobs": None}
+            if chat:
+                c["message"] = {"role": "assistant", "content": st.text}
+                if want_logprobs:
+                    c["logprobs"] = {"content": [_chat_logprob(tok, t, top, n_top) for t, top in logs[i]]}
+            else:
+                c["text"] = st.text
+                if want_logprobs:
+                    c["logprobs"] = _completion_logprobs(tok, logs[i], n_top)
+            choices.append(c)
+        return {"id": rid, "object": obj, "created": created, "model": name, "choices": choices, "usage": finish_usage()}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices, usage_=None):
+        c = {"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": choices}
+        if include_usage:
+            c["usage"] = usage_
+        return f"data: {_json(c)}\n\n"
+
+    async def stream():
+        done = 0
+        try:
+            if chat:  # first delta carries the role (vLLM, OpenAI)
+                for i in range(len(params)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+            async for idx, kind, *rest in _events(request, q):
+                if kind == "error":
+                    err = rest[0]
+                    yield f"data: {_json(err.body())}\n\n"  # after the 200 header, errors go out as a chunk
+                    break
+                t, _, top, comp = rest
+                was_stopped = states[idx].stopped
+                delta = states[idx].add(t, final=comp is not None)
+                lp = None
+                if want_logprobs and t not in stop_ids and not was_stopped:
+                    lp = {"content": [_chat_logprob(tok, t, top, n_top)]} if chat else \
+                        _completion_logprobs(tok, [(t, top)], n_top)
+                if delta or lp is not None:
+                    c = {"index": idx, "logprobs": lp, "finish_reason": None}
+                    c.update({"delta": {"content": delta}} if chat else {"text": delta})
+                    yield chunk([c])
+                if comp is not None:
+                    usage["completion_tokens"] += len(comp.token_ids)
+                    c = {"index": idx, "logprobs": None, "finish_reason": comp.finish_reason}
+                    c.update({"delta": {}} if chat else {"text": ""})
+                    yield chunk([c])
+                    done += 1
+                    if done == len(params):
+                        break
+            if include_usage:
+                yield chunk([], finish_usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            if done < len(params):  # client gone (or error): free the slots
+                worker.abort(rids)
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _completion_logprobs(tok, items, n_top):
+    tokens, lps, tops, offs, pos = [], [], [], [], 0
+    for t, top in items:
+        s = _token_str(tok, t)
+        tokens.append(s)
+        lps.append(top[t])
+        tops.append({_token_str(tok, i): v for i, v in sorted(top.items(), key=lambda kv: -kv[1])[:n_top]})
+        offs.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
