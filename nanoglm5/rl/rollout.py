@@ -1,0 +1,411 @@
+"""Rollout: whole GRPO groups, token-in-token-out, and the worker process that generates them (rl.md §1.5, §5).
+
+Holds, top to bottom:
+  - `RolloutSettings`: what a worker needs to know (group size G, lengths, weight-pickup policy, threads);
+  - seeds: every sample's sampling seed is a pure function of (seed, group_id, sample, turn), so a group
+    comes out the same whichever worker generates it, and again when a killed worker's group is re-issued;
+  - `Rollout`: the generation loop of one worker, usable in-process too (evaluation, the synchronous
+    reference of the tests). It decodes up to `worker_groups` groups together in one `Engine`
+    (continuous batching), records per token the sampled id, its log-prob under the distribution
+    actually sampled (temperature 1, no top-k/top-p: the behaviour policy μ of the IS ratios is exact),
+    the loss-mask bit and the weight version of each segment, and runs the judge (`env.reward`, which
+    for code runs the program in the sandbox) and multi-turn `AgentEnv.step`s in a thread pool, so a
+    slow environment (its latency) never stalls the decoding of the other sequences;
+  - `worker_main`: the process body: pull weights from the relay, take leases, generate, send groups,
+    renew leases (heartbeats), and pull newer weights between groups or mid-trajectory.
+
+TITO (GLM-5 §4.1.2): the trajectory is the list of ids the engine sampled, prompt first; observations
+are appended as tokens of the chat template's `<|observation|>` turn (loss mask 0) followed by the
+`<|assistant|>` generation prompt (mask 0). Text is decoded only to show the environment what the model
+wrote; it is never re-encoded into the trajectory. A turn's stop token (`<|observation|>`,
+`<|user|>` or `<|endoftext|>`) was sampled, so it is trained (mask 1), as in SFT's render_chat.
+
+Weight pickup (rl.md §5): `partial_rollout=False` (slime): the engine's weights change only when it is
+empty; a lease whose min_version is newer than the loaded weights waits until the running groups drain.
+`partial_rollout=True` (AReaL/Laminar): every `pull_every` decode steps the worker polls the relay and
+swaps weights under running sequences, whose KV cache stays as the old weights wrote it; each sequence
+then records a new segment (start index, version), GLM-5's w₀…w_k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from nanoglm5.engine import Engine, SamplingParams
+from nanoglm5.rl.buffer import Group, Lease, Trajectory
+from nanoglm5.rl.envs import Task, make_env
+
+
+@dataclass
+class RolloutSettings:
+    group_size: int = 8  # G samples per prompt (one GRPO group)
+    max_new_tokens: int = 48  # per assistant turn
+    max_len: int = 256  # whole trajectory, prompt and observations included
+    temperature: float = 1.0  # 1.0 with no top-k/top-p: μ is the model's own distribution
+    worker_groups: int = 1  # groups decoded together in one engine (continuous batching)
+    partial_rollout: bool = False  # swap weights under running sequences (per-segment versions)
+    pull_every: int = 8  # decode steps between relay polls when partial_rollout
+    worker_threads: int = 1  # torch.set_num_threads in each worker (oversubscription ruins timing)
+    seed: int = 1337
+    renew_every_s: float = 1.0  # heartbeat period: renews every lease the worker holds
+    env_threads: int = 8  # judge / environment calls in flight per worker
+    env_latency_s: float = 0.0  # AgentEnv tool-call latency median (lognormal, p99/p50 = 10)
+
+    @classmethod
+    def from_config(cls, cfg) -> RolloutSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+
+def sample_seed(seed: int, group_id: int, index: int, turn: int = 0) -> int:
+    """Sampling seed of sample `index`, turn `turn` of group `group_id`: independent of worker and attempt."""
+    h = hashlib.blake2b(f"{seed}:{group_id}:{index}:{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+def make_envs(settings: RolloutSettings) -> dict:
+    """One instance per environment name; the agent env gets the latency knob."""
+    return {
+        "math": make_env("math"),
+        "code": make_env("code"),
+        "agent": make_env("agent", latency_median_s=settings.env_latency_s),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass(eq=False)
+class _Sample:
+    """One trajectory being built. `turn_start` = index of the current assistant turn's first token."""
+
+    group: _GroupRun
+    index: int
+    tokens: list[int]
+    logprobs: list[float]
+    mask: list[int]
+    versions: list[tuple[int, int]]
+    turn: int = 0
+    turn_start: int = 0
+    state: dict | None = None
+    reward: float | None = None
+    finish: str = ""
+    env_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _GroupRun:
+    lease: Lease
+    task: Task
+    samples: list[_Sample] = field(default_factory=list)
+    t_start: float = 0.0
+
+
+class Rollout:
+    """Generate GRPO groups with one engine. `start(lease, task)`, then `step()` until `busy()` is False;
+    each `step()` returns the `Group`s that finished. `set_version(v)` after loading new weights."""
+
+    def __init__(self, model, tokenizer, settings: RolloutSettings, version: int = 0, envs: dict | None = None,
+                 greedy: bool = False):
+        s = self.s = settings
+        self.tok, self.version, self.greedy = tokenizer, version, greedy
+        max_batch = max(1, s.worker_groups) * s.group_size
+        self.engine = Engine(model, max_batch=max_batch, max_tokens_in_flight=max_batch * s.max_len,
+                             max_seq_len=s.max_len)
+        self.envs = envs or make_envs(s)
+        self.pool = ThreadPoolExecutor(max(1, s.env_threads), thread_name_prefix="env")
+        self.groups: dict[int, _GroupRun] = {}
+        self.requests: dict[str, _Sample] = {}
+        self.pending: list[tuple] = []  # (future, sample, kind)
+        self.stop_ids = list(tokenizer.stop_ids)
+        obs = tokenizer.special["<|observation|>"]
+        self.obs_id = obs
+        self.gen_prompt = tokenizer.render_chat([], add_generation_prompt=True)[0][2:]  # <|assistant|> \n
+        self.tokens_generated = 0
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return bool(self.groups)
+
+    def held(self) -> list[tuple[int, int]]:
+        return [(g.lease.group_id, g.lease.attempt) for g in self.groups.values()]
+
+    def set_version(self, version: int) -> None:
+        """New weights are in the model: every unfinished sample starts a new segment here."""
+        if version == self.version:
+            return
+        self.version = version
+        for g in self.groups.values():
+            for smp in g.samples:
+                if smp.reward is None:
+                    if smp.versions[-1][0] == len(smp.tokens):
+                        smp.versions[-1] = (len(smp.tokens), version)
+                    else:
+                        smp.versions.append((len(smp.tokens), version))
+
+    # -- starting and continuing turns -------------------------------------------------------------
+    def start(self, lease: Lease, task: Task) -> None:
+        prompt = self.tok.render_prompt(task.messages)
+        if len(prompt) >= self.s.max_len:
+            raise ValueError(f"task {task.task_id}: prompt of {len(prompt)} tokens does not fit max_len="
+                             f"{self.s.max_len}; raise --max-len")
+        g = _GroupRun(lease, task, t_start=time.time())
+        env = self.envs[task.env]
+        for i in range(self.s.group_size):
+            smp = _Sample(g, i, list(prompt), [0.0] * len(prompt), [0] * len(prompt), [(0, self.version)],
+                          turn_start=len(prompt))
+            if hasattr(env, "reset"):
+                smp.state = env.reset(task)
+            g.samples.append(smp)
+        self.groups[lease.group_id] = g
+        for smp in g.samples:
+            self._add_turn(smp)
+
+    def _add_turn(self, smp: _Sample) -> None:
+        g, s = smp.group, self.s
+        forced = g.task.meta.get("forced_len")  # benchmark workload: decode exactly this many tokens
+        room = s.max_len - len(smp.tokens)
+        n = min(forced if forced else s.max_new_tokens, room)
+        if n < 1:
+            self._finish(smp, 0.0, "max_len")
+            return
+        smp.turn_start = len(smp.tokens)
+        params = SamplingParams(
+            max_tokens=n, temperature=0.0 if self.greedy else s.temperature, top_p=1.0, top_k=0,
+            seed=sample_seed(s.seed, g.lease.group_id, smp.index, smp.turn),
+            stop_token_ids=() if forced else self.stop_ids,
+        )
+        rid = f"{g.lease.group_id}:{g.lease.attempt}:{smp.index}:{smp.turn}"
+        self.engine.add_request(smp.tokens, params, request_id=rid)
+        self.requests[rid] = smp
+
+    def _end_turn(self, smp: _Sample) -> None:
+        """The engine finished a turn: ask the judge / environment, off the decoding thread."""
+        new = smp.tokens[smp.turn_start:]
+        if new and new[-1] in self.stop_ids:
+            new = new[:-1]
+        text = self.tok.decode(new)  # shown to the environment only; never re-encoded
+        task, env = smp.group.task, self.envs[smp.group.task.env]
+        if task.env == "agent":
+            fut = self.pool.submit(_timed, env.step, task, smp.state, text)
+            self.pending.append((fut, smp, "step"))
+        else:
+            fut = self.pool.submit(_timed, _judge, env, task, text, task.meta.get("judge_latency_s", 0.0))
+            self.pending.append((fut, smp, "reward"))
+
+    def _observe(self, smp: _Sample, obs: str) -> None:
+        """Append the observation turn and the next generation prompt (mask 0), then continue."""
+        ids = self.tok.render_chat([{"role": "observation", "content": obs}])[0][2:]  # <|observation|> \n obs
+        if smp.tokens[-1] == self.obs_id:  # the model already closed its turn with <|observation|>
+            ids = ids[1:]
+        ids = ids + self.gen_prompt
+        if len(smp.tokens) + len(ids) >= self.s.max_len:  # no room for another turn
+            self._finish(smp, 0.0, "max_len")
+            return
+        smp.tokens += ids
+        smp.logprobs += [0.0] * len(ids)
+        smp.mask += [0] * len(ids)
+        smp.turn += 1
+        self._add_turn(smp)
+
+    def _finish(self, smp: _Sample, reward: float, why: str) -> None:
+        smp.reward, smp.finish = float(reward), why
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self, wait_s: float = 0.005) -> list[Group]:
+        """One engine step (or, with nothing to decode, a short wait for the environment); returns the
+        groups that completed."""
+        if self.engine.has_unfinished():
+            for ev in self.engine.step():
+                smp = self.requests[ev.request_id]
+                smp.tokens.append(ev.token_id)
+                smp.logprobs.append(ev.logprob)
+                smp.mask.append(1)
+                self.tokens_generated += 1
+                if ev.completion is not None:
+                    del self.requests[ev.request_id]
+                    self._end_turn(smp)
+        elif self.pending:
+            _wait_any([f for f, _, _ in self.pending], wait_s)
+        still = []
+        for fut, smp, kind in self.pending:
+            if not fut.done():
+                still.append((fut, smp, kind))
+                continue
+            result, dt = fut.result()  # an exception in a judge is a bug: let it surface
+            smp.env_s += dt
+            if kind == "reward":
+                self._finish(smp, result, "done")
+            else:
+                obs, done, reward = result
+                if done:
+                    self._finish(smp, reward, "done")
+                elif len(smp.tokens) + 1 >= self.s.max_len:
+                    self._finish(smp, 0.0, "max_len")
+                else:
+                    self._observe(smp, obs)
+        self.pending = still
+        return self._collect()
+
+    def _collect(self) -> list[Group]:
+        out = []
+        for gid in [gid for gid, g in self.groups.items() if all(s.reward is not None for s in g.samples)]:
+            g = self.groups.pop(gid)
+            trajs = [Trajectory(s.tokens, s.logprobs, s.mask, s.reward, s.versions,
+                                {"turns": s.turn + 1, "env_s": round(s.env_s, 4), "finish": s.finish,
+                                 "gen_s": round(time.time() - g.t_start, 4)})
+                     for s in g.samples]
+            out.append(Group(gid, g.lease.attempt, trajs, g.task.task_id))
+        return out
+
+    def run(self, leases_tasks: list[tuple[Lease, Task]]) -> list[Group]:
+        """Generate the given groups to completion (in-process use); groups in the given order."""
+        todo, done = deque(leases_tasks), {}
+        while todo or self.busy():
+            while todo and len(self.groups) < max(1, self.s.worker_groups):
+                self.start(*todo.popleft())
+            for g in self.step():
+                done[g.group_id] = g
+        return [done[lease.group_id] for lease, _ in leases_tasks]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _judge(env, task: Task, text: str, latency_s: float) -> float:
+    if latency_s > 0:  # a slow judge (a test suite, a remote grader) in the benchmark workload
+        time.sleep(latency_s)
+    return env.reward(task, text)
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def _wait_any(futures, timeout: float) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+
+
+# ---------------------------------------------------------------------------------------------- process
+class _Sender:
+    """Sends messages from a background thread, so a full pipe never stalls decoding."""
+
+    def __init__(self, conn):
+        self.conn, self.q = conn, queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            msg = self.q.get()
+            if msg is None:
+                return
+            try:
+                self.conn.send(msg)
+            except (BrokenPipeError, OSError):
+                return
+
+    def send(self, msg) -> None:
+        self.q.put(msg)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=5)
+
+
+def worker_main(wid: int, settings: dict, model_config: dict, tokenizer_file: str, relay, lease_conn, out_conn,
+                t0: float) -> None:
+    """Body of a rollout worker process (spawned by the controller).
+
+    Inbox (lease_conn): ("lease", Lease, task dict) or ("stop",). Outbox (out_conn): ("hello", wid, version,
+    pid), ("renew", wid, [(group_id, attempt)], stats), ("group", wid, group dict, stats), ("error", wid, text).
+    stats: busy intervals since the last message (seconds since t0), tokens generated, weight pulls.
+    """
+    sender = _Sender(out_conn)
+    try:
+        _worker_loop(wid, RolloutSettings(**settings), model_config, tokenizer_file, relay, lease_conn, sender, t0)
+    except (EOFError, BrokenPipeError):  # the controller is gone
+        pass
+    except Exception:
+        sender.send(("error", wid, traceback.format_exc()))
+    finally:
+        sender.close()
+
+
+def _worker_loop(wid, s: RolloutSettings, model_config, tokenizer_file, relay, lease_conn, sender, t0):
+    from nanoglm5.config import ModelConfig
+    from nanoglm5.model import GLM5
+    from nanoglm5.tokenizer import Tokenizer
+
+    torch.set_num_threads(s.worker_threads)
+    torch.manual_seed(0)
+    model = GLM5(ModelConfig.from_hf_dict(model_config)).eval()
+    version = relay.pull(model)
+    ro = Rollout(model, Tokenizer.load(tokenizer_file), s, version)
+    sender.send(("hello", wid, version, os.getpid()))
+    queued: deque = deque()
+    busy: list[list[float]] = []  # [start, end] seconds since t0 with work in the engine or the env
+    pulls, steps_since_poll, last_renew = 0, 0, time.time()
+
+    def stats():
+        """Busy intervals since the last report (an open one is cut at now and reopened)."""
+        nonlocal busy
+        now, was_open = time.time() - t0, bool(busy) and busy[-1][1] is None
+        if was_open:
+            busy[-1][1] = now
+        out = {"busy": busy, "tokens": ro.tokens_generated, "pulls": pulls, "version": ro.version}
+        busy = [[now, None]] if was_open else []
+        return out
+
+    def pull(min_version=None):
+        nonlocal pulls
+        v = relay.pull(model, min_version=min_version)
+        pulls += 1
+        ro.set_version(v)
+
+    while True:
+        while lease_conn.poll():
+            msg = lease_conn.recv()
+            if msg[0] == "stop":
+                return
+            queued.append((msg[1], Task(**msg[2])))
+        # weights: freshest version allowed by the pickup policy (the relay never makes the trainer wait)
+        if relay.latest_version() > ro.version:
+            if not ro.busy() or (s.partial_rollout and steps_since_poll >= s.pull_every):
+                pull()
+                steps_since_poll = 0
+        # start queued leases while there is room and our weights are fresh enough for them
+        while queued and len(ro.groups) < max(1, s.worker_groups):
+            lease, task = queued[0]
+            if ro.version < lease.min_version:
+                if ro.busy() and not s.partial_rollout:
+                    break  # drain the running groups first, then swap (between-groups pickup)
+                pull(min_version=lease.min_version)
+            queued.popleft()
+            ro.start(lease, task)
+        now = time.time() - t0
+        if ro.busy():
+            if not busy or busy[-1][1] is not None:
+                busy.append([now, None])
+            for g in ro.step():
+                sender.send(("group", wid, asdict(g), stats()))
+            steps_since_poll += 1
+        else:
+            if busy and busy[-1][1] is None:
+                busy[-1][1] = now
+            lease_conn.poll(0.005)
+        if time.time() - last_renew > s.renew_every_s:
+            last_renew = time.time()
+            held = ro.held() + [(lease.group_id, lease.attempt) for lease, _ in queued]
+            sender.send(("renew", wid, held, stats()))
