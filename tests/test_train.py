@@ -1,0 +1,332 @@
+"""train.py and nanoglm5/trainer.py: DSA stage switch, SFT loss masks, exact resume after SIGKILL, atomic
+checkpoint writes, DDP equality on 2 CPU processes, and one-line errors for bad input.
+Data: a small token shard written here (no tokenizer needed for pretraining)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanoglm5.checkpoint import CheckpointError, load_state
+from nanoglm5.train_utils import ChatBatches, TrainError, chat_example, load_trainer_state
+from nanoglm5.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+             n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=16, index_topk=8,
+             num_hidden_layers=2, max_position_embeddings=128)
+CLI_SMALL = [a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A learnable token stream (a noisy repeating pattern), vocab 64."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "tokens").mkdir()
+    r = np.random.default_rng(0)
+    t = np.tile(np.arange(50) % 37, 400)
+    noise = r.random(t.size) < 0.1
+    t[noise] = r.integers(0, 64, size=noise.sum())
+    t.astype(np.uint16).tofile(d / "tokens" / "train.bin")
+    t[:3000].astype(np.uint16).tofile(d / "tokens" / "val.bin")
+    (d / "tokens" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 64}))
+    return d
+
+
+def cfg(data_dir, out, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data_dir), out_dir=str(out), model=dict(SMALL), seq_len=32, batch_size=4,
+                micro_batch_size=2, max_steps=6, dense_steps=2, dsa_warmup_steps=2, eval_every=0,
+                save_every=0, eval_seqs=4, warmup_steps=1, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run_cli(args, timeout=120, **popen):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+# ---------------------------------------------------------------------------------------------- SFT masks
+def test_sft_targets_only_on_assistant_tokens():
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    mask = [0, 0, 0, 1, 1, 0, 1]
+    x, y = chat_example(ids, mask, seq_len=16)
+    assert x.tolist() == ids[:-1]
+    assert y.tolist() == [-1, -1, 13, 14, -1, 16]  # target t is ids[t+1], kept where mask[t+1] = 1
+    x, y = chat_example(ids, mask, seq_len=3)  # cut to seq_len
+    assert len(x) == 3 and y.tolist() == [-1, -1, 13]
+    batches = ChatBatches([chat_example(ids, mask, 16), chat_example(ids[:4], mask[:4], 16),
+                           chat_example([1, 2], [0, 0], 16)], seed=0, pad_id=0)
+    assert len(batches.examples) == 2  # the conversation without assistant tokens is dropped
+    xb, yb = batches.batch(0, 2, 0, 2)
+    assert xb.shape == yb.shape == (2, 6)
+    short = 0 if (yb[0] == -1).sum() > 3 else 1
+    assert (yb[short, 3:] == -1).all()  # padding carries no loss
+    assert batches.n_targets(0, 2) == int((yb >= 0).sum())
+
+
+def test_sft_render_mask_with_real_tokenizer():
+    tk = pytest.importorskip("nanoglm5.tokenizer")
+    tok = tk.Tokenizer.train(["hello world, what does f do? it adds numbers."] * 20, vocab_size=300)
+    msgs = [{"role": "user", "content": "what does f do?"}, {"role": "assistant", "content": "it adds"}]
+    ids, mask = tok.render_chat(msgs)
+    x, y = chat_example(ids, mask, 256)
+    kept = [int(t) for t in y if t >= 0]
+    assert tok.decode(kept[:-1]) == "it adds" and kept[-1] == tok.eos_id
+
+
+def test_sft_data_mix():
+    from nanoglm5.sft_data import build_conversations
+
+    convs = build_conversations(40, seed=0)
+    assert convs == build_conversations(40, seed=0)
+    kinds = {c["kind"] for c in convs}
+    assert {"math", "knowledge"} <= kinds
+    assert all(any(m["role"] == "assistant" for m in c["messages"]) for c in convs)
+
+
+# ---------------------------------------------------------------------------------------------- DSA stages
+def test_dsa_stage_switch(data_dir, tmp_path):
+    tr = Trainer(cfg(data_dir, tmp_path, dense_steps=1, dsa_warmup_steps=1, max_steps=3), quiet=True)
+    assert [tr.stage_at(s) for s in range(3)] == ["dense", "warmup", "sparse"]
+    m = tr.model
+    idx = {id(p) for p in m.indexer_parameters()}
+    snap = lambda: {n: p.detach().clone() for n, p in m.named_parameters()}
+    bias = lambda: torch.cat([x.gate.e_score_correction_bias.clone() for x in m.moe_layers()])
+
+    before, b0 = snap(), bias()
+    tr.train_step(0)  # dense: everything but the indexer (no KL asked) moves; router bias moves
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(".indexer." in n for n in changed) and len(changed) > 10
+    assert not torch.equal(bias(), b0)
+
+    before, b0 = snap(), bias()
+    rec = tr.train_step(1)  # warm-up: only the indexer, on its KL
+    assert rec["stage"] == "warmup" and rec["indexer_kl"] > 0
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in m.named_parameters() if id(p) in idx}
+    assert torch.equal(bias(), b0)
+
+    before = snap()
+    tr.train_step(2)  # sparse: everything
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(before)
+
+
+def test_indexer_learns_only_from_kl(data_dir, tmp_path):
+    tr = Trainer(cfg(data_dir, tmp_path), quiet=True)
+    m = tr.model
+    x, y = tr.data.batch(0, 4, 0, 2)
+    out = m(x, y, sparse=True, indexer_kl=True)
+    out.loss.backward(retain_graph=True)  # LM + MTP loss: no gradient may reach the indexer
+    assert all(p.grad is None or not p.grad.any() for p in m.indexer_parameters())
+    m.zero_grad(set_to_none=True)
+    out.indexer_kl.backward()  # KL: only the indexer
+    idx = {id(p) for p in m.indexer_parameters()}
+    assert all(p.grad is None for p in m.parameters() if id(p) not in idx)
+    assert any(p.grad is not None and p.grad.any() for p in m.indexer_parameters())
+
+
+def test_optimizer_groups_and_muon(data_dir, tmp_path):
+    from nanoglm5.optim import lr_multiplier, param_groups
+
+    tr = Trainer(cfg(data_dir, tmp_path, optimizer="muon", max_steps=3), quiet=True)
+    g = param_groups(tr.model)
+    assert all(p.ndim == 2 for _, p in g["matrix"]) and all(p.ndim == 3 for _, p in g["expert"])
+    assert all("embed" in n or "lm_head" in n for n, _ in g["embed"])
+    n_opt = sum(p.numel() for p in tr.opt.params())
+    assert n_opt == sum(p.numel() for p in tr.model.parameters())  # everything, once; the bias is a buffer
+    assert [type(o).__name__ for o in tr.opt.optimizers] == ["Muon", "AdamW"]
+    hist = tr.run()
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert lr_multiplier(0, 100, 10) == pytest.approx(0.1)
+    assert lr_multiplier(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_loss_falls_below_unigram(data_dir, tmp_path):
+    tr = Trainer(cfg(data_dir, tmp_path, max_steps=40, dense_steps=20, dsa_warmup_steps=5, lr=1e-2,
+                     warmup_steps=5, batch_size=8, micro_batch_size=8), quiet=True)
+    hist = tr.run()
+    assert hist[-1]["val_loss"] < tr.unigram - 0.5, (hist[-1]["val_loss"], tr.unigram)
+    assert (tmp_path / "ckpt" / "trainer_state.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
+    args = ["--data-dir", str(data_dir), *CLI_SMALL, "--seq-len", "32", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-steps", "24", "--dense-steps", "8", "--dsa-warmup-steps", "4",
+            "--save-every", "4", "--eval-every", "0", "--sample-tokens", "0", "--threads", "1"]
+    full = run_cli([*args, "--out-dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "train.py", *args, "--out-dir", str(out)], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while not (out / "ckpt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    killed_at = load_trainer_state(out / "ckpt")["step"]
+    assert killed_at < 24
+    resumed = run_cli([*args, "--out-dir", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_state(tmp_path / "full" / "ckpt"), load_state(out / "ckpt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resuming from step {killed_at}"
+
+
+def test_atomic_save_survives_kill(data_dir, tmp_path):
+    """A process killed in the middle of writing a checkpoint leaves the previous one intact."""
+    code = f"""
+import os, signal, torch
+from nanoglm5.trainer import TrainConfig, Trainer
+from nanoglm5 import train_utils
+tr = Trainer(TrainConfig(data_dir={str(data_dir)!r}, out_dir={str(tmp_path)!r}, model={SMALL!r}, seq_len=32,
+             batch_size=2, micro_batch_size=2, max_steps=2, dense_steps=2, dsa_warmup_steps=0), quiet=True)
+tr.train_step(0); tr.step = 1; tr.save()
+orig = torch.save
+def dying_save(obj, f, *a, **k):
+    orig(obj, f, *a, **k)
+    with open(f, "r+b") as fh: fh.truncate(100)   # half-written, then the machine dies
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+tr.train_step(1); tr.step = 2; tr.save()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    state = load_trainer_state(tmp_path / "ckpt")
+    assert state["step"] == 1
+    load_state(tmp_path / "ckpt")
+    leftovers = [x.name for x in tmp_path.iterdir() if x.name.startswith(".ckpt.tmp")]
+    assert leftovers  # the dead write stays in its temp dir, never under ckpt
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_shards_message(tmp_path):
+    r = run_cli(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o"), "--max-steps", "1"])
+    assert r.returncode == 1
+    assert "python data/prepare.py" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_with_different_config_lists_fields(data_dir, tmp_path):
+    Trainer(cfg(data_dir, tmp_path, max_steps=2, dense_steps=2), quiet=True).run()
+    with pytest.raises(TrainError) as e:
+        Trainer(cfg(data_dir, tmp_path, max_steps=4, dense_steps=2, lr=1e-4, resume="auto",
+                    model={**SMALL, "index_topk": 4}), quiet=True)
+    msg = str(e.value)
+    assert "lr: " in msg and "model.index_topk" in msg and "max_steps" not in msg
+    t = Trainer(cfg(data_dir, tmp_path, max_steps=4, dense_steps=2, resume="auto"), quiet=True)  # same flags: fine
+    assert t.step == 2
+
+
+def test_corrupt_checkpoint_names_the_file(data_dir, tmp_path):
+    Trainer(cfg(data_dir, tmp_path, max_steps=1, dense_steps=1), quiet=True).run()
+    state = tmp_path / "ckpt" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
+        Trainer(cfg(data_dir, tmp_path, max_steps=2, dense_steps=1, resume="auto"), quiet=True)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = run_cli(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "o2"), "--init-from",
+                 str(tmp_path / "ckpt"), "--max-steps", "1", "--seq-len", "32"])
+    assert r.returncode == 1 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_loss_stops_with_advice(data_dir, tmp_path):
+    tr = Trainer(cfg(data_dir, tmp_path, max_steps=30, dense_steps=30, lr=1e6, warmup_steps=0, grad_clip=0.0,
+                     save_every=1), quiet=True)
+    with pytest.raises(TrainError, match=r"diverged at step \d+.*lower lr") as e:
+        tr.run()
+    assert "last good checkpoint" in str(e.value)
+    state = load_trainer_state(tmp_path / "ckpt")
+    sd = load_state(tmp_path / "ckpt")
+    assert all(torch.isfinite(v).all() for v in sd.values()) and state["step"] < 30
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_ddp_two_processes_match_single(data_dir, tmp_path):
+    args = ["--data-dir", str(data_dir), *CLI_SMALL, "--seq-len", "32", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-steps", "6", "--dense-steps", "2", "--dsa-warmup-steps", "2",
+            "--eval-every", "0", "--log-every", "1", "--sample-tokens", "0", "--device", "cpu"]
+    single = run_cli([*args, "--out-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29513", "train.py", *args, "--out-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    a, b = read("one"), read("two")
+    assert [r["stage"] for r in a] == [r["stage"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "lm_loss", "indexer_kl"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+    wa, wb = load_state(tmp_path / "one" / "ckpt"), load_state(tmp_path / "two" / "ckpt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def text_data_dir(tmp_path_factory):
+    """A data dir as data/prepare.py writes it, in miniature: tokenizer.json + token shards of math text."""
+    tk = pytest.importorskip("nanoglm5.tokenizer")
+    from nanoglm5.corpus import math_problems
+
+    d = tmp_path_factory.mktemp("textdata")
+    texts = [f"Problem: {p['question']}\nSolution:\n{p['solution']}" for p in math_problems(400, 0)]
+    tok = tk.Tokenizer.train(texts, vocab_size=400)
+    tok.save(d / "tokenizer.json")
+    ids = np.concatenate([np.array(tok.encode(t) + [tok.eos_id]) for t in texts]).astype(np.uint16)
+    (d / "tokens").mkdir()
+    ids[: len(ids) * 9 // 10].tofile(d / "tokens" / "train.bin")
+    ids[len(ids) * 9 // 10 :].tofile(d / "tokens" / "val.bin")
+    (d / "tokens" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": tok.vocab_size}))
+    return d
+
+
+@pytest.mark.slow
+def test_pretrain_then_sft_cli(text_data_dir, tmp_path):
+    common = ["--data-dir", str(text_data_dir), "--seq-len", "64", "--batch-size", "4", "--micro-batch-size", "4",
+              "--sample-tokens", "8", "--eval-seqs", "4"]
+    pre = run_cli([*common, *CLI_SMALL, "--out-dir", str(tmp_path / "pre"), "--max-steps", "4", "--dense-steps", "2",
+                   "--dsa-warmup-steps", "1", "--eval-every", "2"])
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    assert "bits/byte" in pre.stderr + pre.stdout and "sample:" in pre.stderr + pre.stdout
+    ck = tmp_path / "pre" / "ckpt"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {p.name for p in ck.iterdir()}
+    sft = run_cli([*common, "--stage", "sft", "--init-from", str(ck), "--out-dir", str(tmp_path / "sft"),
+                   "--max-steps", "3", "--sft-examples", "60", "--eval-every", "3"])
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    hist = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert hist[-1]["stage"] == "sparse" and np.isfinite(hist[-1]["val_loss"])
+    no_init = run_cli([*common, "--stage", "sft", "--out-dir", str(tmp_path / "x")])
+    assert no_init.returncode == 1 and "--init-from" in no_init.stderr
+
+
+@pytest.mark.slow
+def test_notebook_03_runs():
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "03_pretrain.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook with outputs cleared"
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "gap" in text and "unigram baseline" in text
