@@ -521,7 +521,7 @@ class Trainer:
         self.dist.barrier()
 
     def _write_metrics(self):
-        lines = [json.dumps({k: v for k, v in h.items() if k != "expert_load"}) for h in self.history]
+        lines = [json.dumps(h) for h in self.history]
         (self.out_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------------------------ the loop

@@ -1,0 +1,291 @@
+"""Model benchmark: one run, a table of ratios measured side by side (section "model" of docs/benchmarks.md).
+
+Measures, on this machine:
+  1. the fp32 matmul rate (the MFU denominator);
+  2. a fwd+bwd training step of our GLM5 vs transformers' GlmMoeDsaForCausalLM with the same weights
+     (save_hf → from_pretrained), on `tiny` and `mini`; MFU = model FLOPs (scale.py) / time / matmul rate;
+  3. one DSA attention layer, sparse (indexer + gathered top-k, k = 512) vs dense masked, at L = 1024/4096/8192:
+     forward time, fwd+bwd time, and memory = bytes of the tensors autograd saves for backward;
+  4. one MoE layer, grouped (torch._grouped_mm) vs the per-expert loop vs a dense SwiGLU MLP of equal active FLOPs.
+Targets (DESIGN.md / issue 2): ≥3× faster than transformers per training step; DSA ≤ 1/3 the time and ≤ 1/4 the
+memory of dense at 8192; MoE ≤ 1.3× the dense MLP. Run from the repo root: python -m bench.model [--quick]
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.report import machine, write_section
+from nanoglm5 import scale
+from nanoglm5.checkpoint import save_hf
+from nanoglm5.config import ModelConfig
+from nanoglm5.model import GLM5, MLP, MoE, rope_cos_sin
+from nanoglm5.model import Attention as MLAttention
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over reps runs (after warmup runs)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def matmul_rate(n: int = 1024, reps: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timeit(lambda: a @ b, reps, warmup=2)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs (activation memory)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+# ---------------------------------------------------------------------------------------------- 1+2. vs transformers
+def step_vs_hf(name: str, B: int, T: int, reps: int, rate: float) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig.preset(name, num_nextn_predict_layers=0)
+    if T <= cfg.index_topk:
+        raise ValueError(f"T={T} must exceed index_topk={cfg.index_topk} so DSA is really sparse")
+    torch.manual_seed(0)
+    ours = GLM5(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(ours, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        ours(x, y, sparse=True).loss.backward()
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        hf(input_ids=x, labels=x).loss.backward()  # HF shifts labels inside: the same next-token CE
+
+    def ours_masked_step():  # same selection, dense masked attention (what transformers' eager path computes)
+        ours.zero_grad(set_to_none=True)
+        ours(x, y, sparse=True, impl="dense").loss.backward()
+
+    t_ours, t_hf, t_masked = timeit(ours_step, reps), timeit(hf_step, reps), timeit(ours_masked_step, reps)
+    flops = scale.train_flops_per_token(cfg, T, sparse=True)["total"] * B * T
+    return dict(name=name, B=B, T=T, ours=t_ours, hf=t_hf, masked=t_masked, speedup=t_hf / t_ours,
+                speedup_masked=t_hf / t_masked, mfu=flops / t_ours / rate)
+
+
+# ---------------------------------------------------------------------------------------------- 3. DSA one layer
+def sparse_chunked(attn, x, cos, sin, pos, chunk: int = 512):
+    """PROTOTYPE of the proposed fix (not in model.py): the same DSA forward, but the gathered attention runs
+    over query chunks under activation checkpointing, so the (T, k, kv_lora + rope) gathered latents are
+    never kept for backward (recomputed instead) and at most one chunk of them exists at a time; the indexer
+    scores are built chunk by chunk too, so the (T, H_I, S) intermediate never exists in full."""
+    from torch.utils.checkpoint import checkpoint
+
+    q_nope, q_rot, q_latent, c_kv, k_rot = attn.project(x, cos, sin)
+    ix, k = attn.indexer, attn.cfg.index_topk
+    x_i, ql_i = x.detach(), q_latent.detach()
+    with torch.no_grad():
+        keys, queries = ix.keys(x_i, cos, sin), ix.queries(ql_i, cos, sin)
+    allowed = pos[:, None, :] <= pos[:, :, None]
+    outs = []
+    for a in range(0, x.shape[1], chunk):
+        b = min(a + chunk, x.shape[1])
+        with torch.no_grad():
+            sc = ix.scores(x_i[:, a:b], queries[:, a:b], keys).masked_fill(~allowed[:, a:b], float("-inf"))
+            topk = sc.topk(k, -1).indices
+        o = checkpoint(lambda qn, qr, c, r, m=allowed[:, a:b], t=topk: attn.attend_absorbed(qn, qr, c, r, m, t)[0],
+                       q_nope[:, :, a:b], q_rot[:, :, a:b], c_kv, k_rot, use_reentrant=False)
+        outs.append(o)
+    return attn.o_proj(torch.cat(outs, 1))
+
+
+
+def dsa_layer(L: int, k: int, bwd: bool, reps: int) -> dict:
+    cfg = ModelConfig.preset("mini", index_topk=k, max_position_embeddings=max(L, 2048))
+    torch.manual_seed(0)
+    attn = GLM5(cfg.replace(num_hidden_layers=1, first_k_dense_replace=1, num_nextn_predict_layers=0)).layers[0].self_attn
+    assert isinstance(attn, MLAttention)
+    x = torch.randn(1, L, cfg.hidden_size, requires_grad=bwd)
+    pos = torch.arange(L)[None]
+    cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta)
+    res = {}
+    for mode, sparse in (("sparse", True), ("dense", False), ("chunked", None)):
+        def fwd(sparse=sparse):
+            if sparse is None:
+                return sparse_chunked(attn, x, cos, sin, pos)
+            return attn(x, cos, sin, pos, sparse=sparse)[0]
+
+        if bwd:
+            def run(fwd=fwd):
+                x.grad = None
+                attn.zero_grad(set_to_none=True)
+                fwd().sum().backward()
+            mem, _ = saved_bytes(fwd)
+        else:
+            def run(fwd=fwd):
+                with torch.no_grad():
+                    fwd()
+            mem = None
+        res[mode] = dict(time=timeit(run, reps), mem=mem)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- 4. MoE one layer
+def moe_layer(N: int, reps: int) -> dict:
+    cfg = ModelConfig.preset("mini")
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    dense = MLP(cfg.hidden_size, (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size)
+    x = torch.randn(1, N, cfg.hidden_size, requires_grad=True)
+    g = torch.randn(1, N, cfg.hidden_size)  # a real incoming gradient (grouped_mm rejects stride-0 ones)
+
+    def run(m, loop=None):
+        def f():
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            if loop is not None:
+                m.use_loop = loop
+            out = m(x)
+            (out[0] if isinstance(out, tuple) else out).backward(g)
+        return f
+
+    return dict(grouped=timeit(run(moe, False), reps), loop=timeit(run(moe, True), reps), dense=timeit(run(dense), reps))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, no fwd+bwd at L=8192 (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args(argv)
+    reps = 2 if args.quick else 3
+    t0 = time.time()
+    load = os.getloadavg()[0]
+    rate = matmul_rate()
+    print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (1024², median)")
+
+    steps = [step_vs_hf("tiny", 4, 128, reps, rate), step_vs_hf("mini", 2, 256, reps, rate)]
+    for s in steps:
+        print(f"{s['name']}: ours {s['ours'] * 1e3:.0f} ms, transformers {s['hf'] * 1e3:.0f} ms → {s['speedup']:.2f}×, MFU {s['mfu']:.1%}")
+
+    dsa = {}
+    for L in (1024, 4096, 8192):
+        fwd = dsa_layer(L, 512, bwd=False, reps=reps)
+        both = dsa_layer(L, 512, bwd=True, reps=max(1, reps - 1)) if (L < 8192 or not args.quick) else None
+        dsa[L] = (fwd, both)
+        line = (f"DSA L={L}: fwd sparse {fwd['sparse']['time'] * 1e3:.0f} ms vs dense {fwd['dense']['time'] * 1e3:.0f} ms"
+                f" (chunked fix {fwd['chunked']['time'] * 1e3:.0f} ms)")
+        if both:
+            line += (f"; fwd+bwd {both['sparse']['time'] * 1e3:.0f} vs {both['dense']['time'] * 1e3:.0f} ms; saved "
+                     f"{both['sparse']['mem'] / 2**20:.0f} vs {both['dense']['mem'] / 2**20:.0f} MiB; chunked fix "
+                     f"{both['chunked']['time'] * 1e3:.0f} ms, {both['chunked']['mem'] / 2**20:.0f} MiB")
+        print(line)
+
+    moe = moe_layer(4096, reps)
+    print(f"MoE N=4096: grouped {moe['grouped'] * 1e3:.0f} ms, loop {moe['loop'] * 1e3:.0f} ms, dense MLP {moe['dense'] * 1e3:.0f} ms")
+    elapsed = time.time() - t0
+    md = render(rate, steps, dsa, moe, load, elapsed)
+    print(md)
+    if not args.no_write:
+        write_section("model", md)
+
+
+WHY = """Why the targets are not met (read with the noise caveat: this run shared 2 cores with a load average of ~13, so
+single timings swing 2-3x; the memory column is exact):
+- **vs transformers**: at T = 128-256 the gathered sparse path (indexer over all keys, CPU `topk`, a gather of
+  T·k·(kv_lora + rope) latents) costs more than transformers' dense masked attention; our own dense-masked path with
+  the same selection is only 1.2-1.4x faster. Nothing in a CPU fp32 step of a small model is 3x away: both run the
+  same matmuls; the remaining gap is elementwise/dispatch overhead.
+- **DSA**: the model's sparse path materialises, and keeps for backward, the gathered latents (B, T, k, kv_lora + rope):
+  T·k·80 floats versus the dense path's h·T·T probabilities, a ratio k·(kv_lora + rope + h)/(h·T) = 0.69 at 8192 for
+  `mini` (measured 0.70). The prototype fix in this file (`sparse_chunked`: query chunks of 512 under activation
+  checkpointing, indexer scores and top-k per chunk) keeps 0.02x of dense's memory at 8192, but recomputation costs
+  time on CPU. The time target needs a fused gather-attention kernel (as DeepSeek's), not eager gathers.
+- **MoE**: on CPU `torch._grouped_mm` runs one small strided matmul per expert (16 experts, I = 128); the profile shows
+  `aten::mm` at ~18 GFLOP/s against ~46 GFLOP/s for the dense MLP's three large matmuls, plus the routing
+  (sigmoid in fp32, argsort, index_add, balance-loss scatter). The grouped path still beats the loop."""
+
+
+def _ok(c: bool) -> str:
+    return "**met**" if c else "**not met**"
+
+
+def render(rate, steps, dsa, moe, load, elapsed) -> str:
+    rows = ["| measurement | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
+    for s in steps:
+        rows.append(f"| train step fwd+bwd, `{s['name']}` B={s['B']} T={s['T']} (MFU {s['mfu']:.1%}) | {s['ours'] * 1e3:.0f} ms "
+                    f"| transformers {s['hf'] * 1e3:.0f} ms | {s['speedup']:.2f}× faster | ≥3× faster: {_ok(s['speedup'] >= 3)} |")
+        rows.append(f"| ↳ ours with `impl=\"dense\"` (masked, as transformers) | {s['masked'] * 1e3:.0f} ms "
+                    f"| transformers {s['hf'] * 1e3:.0f} ms | {s['speedup_masked']:.2f}× faster | |")
+    for L, (fwd, both) in dsa.items():
+        r = fwd["sparse"]["time"] / fwd["dense"]["time"]
+        tgt = f"≤ 0.33: {_ok(r <= 1 / 3)}" if L == 8192 else ""
+        rows.append(f"| DSA layer fwd, L={L}, k=512 | {fwd['sparse']['time'] * 1e3:.0f} ms | dense {fwd['dense']['time'] * 1e3:.0f} ms "
+                    f"| {r:.2f} | {tgt} |")
+        rows.append(f"| ↳ prototype fix (chunked, recompute) fwd, L={L} | {fwd['chunked']['time'] * 1e3:.0f} ms | dense "
+                    f"{fwd['dense']['time'] * 1e3:.0f} ms | {fwd['chunked']['time'] / fwd['dense']['time']:.2f} | |")
+        if both:
+            r = both["sparse"]["time"] / both["dense"]["time"]
+            m = both["sparse"]["mem"] / both["dense"]["mem"]
+            rows.append(f"| DSA layer fwd+bwd, L={L} | {both['sparse']['time'] * 1e3:.0f} ms | dense {both['dense']['time'] * 1e3:.0f} ms "
+                        f"| {r:.2f} | {'≤ 0.33: ' + _ok(r <= 1 / 3) if L == 8192 else ''} |")
+            rows.append(f"| DSA layer saved-for-backward, L={L} | {both['sparse']['mem'] / 2**20:.0f} MiB "
+                        f"| dense {both['dense']['mem'] / 2**20:.0f} MiB | {m:.2f} | {'≤ 0.25: ' + _ok(m <= 0.25) if L == 8192 else ''} |")
+            c = both["chunked"]
+            rows.append(f"| ↳ prototype fix fwd+bwd / saved, L={L} | {c['time'] * 1e3:.0f} ms / {c['mem'] / 2**20:.0f} MiB "
+                        f"| dense {both['dense']['time'] * 1e3:.0f} ms / {both['dense']['mem'] / 2**20:.0f} MiB "
+                        f"| {c['time'] / both['dense']['time']:.2f} / {c['mem'] / both['dense']['mem']:.2f} | |")
+    r = moe["grouped"] / moe["dense"]
+    rows.append(f"| MoE layer fwd+bwd, `mini`, 4096 tokens, grouped | {moe['grouped'] * 1e3:.0f} ms | dense MLP "
+                f"{moe['dense'] * 1e3:.0f} ms | {r:.2f} | ≤ 1.3: {_ok(r <= 1.3)} |")
+    rows.append(f"| MoE layer, per-expert loop | {moe['loop'] * 1e3:.0f} ms | grouped {moe['grouped'] * 1e3:.0f} ms "
+                f"| {moe['loop'] / moe['grouped']:.2f} | |")
+    return "\n".join([
+        "## Model (`python -m bench.model`)",
+        "",
+        f"Machine: {machine()}; 1-min load average at start {load:.1f} (the machine is shared: absolute times are noisy, "
+        f"ratios are taken side by side). fp32 matmul rate measured in this run: **{rate / 1e9:.1f} GFLOP/s** "
+        f"(1024×1024, median). Total run time {elapsed:.0f} s.",
+        "",
+        *rows,
+        "",
+        "How it was measured (medians of a few repeats after a warm-up):",
+        "- **vs transformers**: the same weights through `save_hf` → `from_pretrained`; MTP off "
+        "(`num_nextn_predict_layers=0`), ours with `sparse=True` and `index_topk` < T, no indexer KL, because transformers "
+        "runs its indexer under `no_grad` and has no MTP: both do the same work. MFU = scale.py's training FLOPs "
+        "(6·active matmul weights + DSA attention) / step time / the matmul rate above.",
+        "- **DSA**: one MLA layer of `mini` (8 heads, kv_lora 64) with `index_topk=512`, B=1; sparse = indexer scores over "
+        "all keys + top-k + gathered absorbed attention; dense = the masked expanded-MHA path. Memory = bytes of the distinct "
+        "storages autograd saves for backward (torch's CPU allocator exposes no peak counter; tracemalloc cannot see it).",
+        "- **MoE**: one `mini` MoE layer (16 experts, top-4 + 1 shared, I=128) vs a SwiGLU MLP of width (4+1)·128, the same "
+        "active FLOPs (router excluded), fwd+bwd with a random incoming gradient.",
+        "",
+        WHY,
+    ])
+
+
+if __name__ == "__main__":
+    main()

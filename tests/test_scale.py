@@ -1,0 +1,122 @@
+"""scale.py: analytic counts == meta-device numel for every preset, the GLM-5 numbers of arch.md §2/§5,
+the CLI, and (slow) notebooks 00_scale and 02_model executed top to bottom."""
+
+from pathlib import Path
+
+import pytest
+
+from nanoglm5 import scale
+from nanoglm5.config import PRESETS, ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_meta_count_equals_analytic(name):
+    import time
+
+    cfg = ModelConfig.preset(name)
+    t = time.perf_counter()
+    assert scale.meta_count(cfg) == scale.param_counts(cfg)
+    assert time.perf_counter() - t < 120  # "seconds" (~1 s unloaded, even for 744B); a loose bound, not a benchmark
+
+
+def test_meta_count_variants():
+    # tied head, no MTP, no shared expert, all-dense, grouped routing, attention bias: still exact
+    for over in [dict(tie_word_embeddings=True), dict(num_nextn_predict_layers=0), dict(n_shared_experts=0),
+                 dict(first_k_dense_replace=4), dict(n_group=2, topk_group=1), dict(attention_bias=True),
+                 dict(num_nextn_predict_layers=2)]:
+        cfg = ModelConfig.preset("tiny", **over)
+        assert scale.meta_count(cfg) == scale.param_counts(cfg), over
+
+
+def test_glm5_744b_numbers():
+    cfg = ModelConfig.preset("glm5_744b")
+    p = scale.param_counts(cfg)
+    assert p["total"] == 743_911_218_432
+    assert p["total_without_router_bias"] == 743_911_199_232
+    assert p["mtp"] == 9_952_920_576
+    assert p["total_with_mtp"] == 743_911_218_432 + 9_952_920_576
+    assert scale.active_params(cfg) == 41_784_728_832
+    assert scale.active_params(cfg, include_embedding=False, include_head=False) == 39_881_563_392
+    kv = scale.kv_cache_bytes(cfg, 1)
+    assert kv["compressed"] == 109_824 and kv["mla"] == 89_856 and kv["expanded"] == 5_111_808
+    assert scale.kv_cache_bytes(cfg, 200_000)["compressed"] == 21_964_800_000  # 21.96 GB (arch.md §5)
+    # with the MTP layer cached too: 79 layers × 1408 B
+    assert scale.kv_cache_bytes(cfg.replace(num_hidden_layers=79, first_k_dense_replace=3), 1)["compressed"] == 111_232
+
+
+def test_flops_and_dsa_formulas():
+    cfg = ModelConfig.preset("glm5_744b")
+    h, n = 64, 10_000
+    assert scale.attention_flops(cfg, n, "dense") == 2 * h * n * (256 + 256)
+    assert scale.attention_flops(cfg, n, "absorbed") == 2 * h * n * (2 * 512 + 64)
+    assert scale.attention_flops(cfg, n, "indexer") == 2 * 32 * n * 129
+    # below index_topk DSA attends every key: the main part equals the absorbed dense cost
+    d = scale.dsa_cost(cfg, 1000)
+    assert d["dsa_main"] == d["dense_absorbed"]
+    # at 128K, DSA is several times cheaper than dense attention; the matmul part does not depend on it
+    d = scale.dsa_cost(cfg, 131_072)
+    assert d["ratio_prefill"] < 0.2 and d["ratio_decode"] < 0.1
+    f_s, f_d = scale.train_flops_per_token(cfg, 131_072, True), scale.train_flops_per_token(cfg, 131_072, False)
+    assert f_s["matmul"] == f_d["matmul"] == 6 * scale.matmul_params(cfg)
+    assert f_s["total"] < f_d["total"]
+    assert scale.mean_keys(4, None) == 2.5 and scale.mean_keys(4, 2) == (1 + 2 + 2 + 2) / 4
+    with pytest.raises(ValueError, match="form="):
+        scale.attention_flops(cfg, 1, "flash")
+
+
+def test_memory():
+    cfg = ModelConfig.preset("glm5_744b")
+    n = 743_911_218_432
+    assert scale.weight_bytes(cfg, "bf16") == 2 * n and scale.weight_bytes(cfg, "fp32") == 4 * n
+    experts = 75 * 256 * 3 * 6144 * 2048
+    assert scale.weight_bytes(cfg, "int4", group_size=128) == experts * 4.125 / 8 + 2 * (n - experts)
+    a = scale.adam_bytes(cfg)
+    assert a["states"] == 12 * (743_911_199_232 + 9_952_920_576 - 256)  # MTP's router bias is a buffer too
+    with pytest.raises(ValueError, match="dtype="):
+        scale.weight_bytes(cfg, "fp8")
+
+
+def test_plan_and_layout_errors():
+    cfg = ModelConfig.preset("glm5_744b")
+    p = scale.plan(cfg, scale.Layout())
+    assert p["world"] == 128 and p["experts_per_gpu"] == 8
+    assert sum(s["layers"] for s in p["stages"]) == 79  # 78 + the MTP layer
+    assert p["worst"]["total"] > p["worst"]["optimizer"] > 0
+    with pytest.raises(ValueError, match="Layout.ep=3"):
+        scale.plan(cfg, scale.Layout(ep=3))
+    with pytest.raises(ValueError, match="Layout.pp=100"):
+        scale.plan(cfg, scale.Layout(pp=100))
+
+
+def test_report_and_cli(capsys):
+    r = scale.report(ModelConfig.preset("tiny"), 256)
+    assert r["params"]["total"] == ModelConfig.preset("tiny").num_params()
+    with pytest.raises(ValueError, match="context=0"):
+        scale.report(ModelConfig.preset("tiny"), 0)
+    scale.main(["glm5_744b", "--context", "131072"])
+    out = capsys.readouterr().out
+    assert "743,911,218,432" in out and "109,824 B" in out and "5,111,808 B" in out and "fits" in out
+    scale.main(["tiny", "--context", "256", "--meta"])
+    assert "== analytic" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        scale.main(["glm5_744b", "--ep", "3"])
+
+
+def _run_notebook(name):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    return nb
+
+
+@pytest.mark.slow
+def test_notebook_00_scale():
+    _run_notebook("00_scale.ipynb")
+
+
+@pytest.mark.slow
+def test_notebook_02_model():
+    _run_notebook("02_model.ipynb")
