@@ -2,7 +2,7 @@
 same documents (recall and precision against planted duplicates, speed ratio). Writes the "data" section
 of docs/benchmarks.md.
 
-    python bench/data.py [--budget-mb 2]
+    python -m bench.data [--budget-mb 2]
 
 Both dedups use word 5-gram shingles, 128 permutations, threshold 0.7 and the same greedy rule (drop a
 document if a *kept* earlier one is a candidate with estimated Jaccard ≥ threshold), so the difference
@@ -91,7 +91,7 @@ def main():
     (mo, so, _), (md, sd, _) = res["ours (numpy)"], res["datasketch"]
 
     table = "\n".join([
-        "## Data filters (`python bench/data.py`)", "", f"Machine: {machine()}.", "",
+        "## Data filters (`python -m bench.data`)", "", f"Machine: {machine()}.", "",
         f"Embedded corpus, budget {args.budget_mb} M chars, seed {args.seed}: {len(docs)} documents. "
         "Documents/s of each filter's per-document work in one process (prepare.py adds datasets workers):", "",
         "| filter | documents | mean chars | documents/s |", "|---|---|---|---|", *rows, "",

@@ -1,7 +1,7 @@
 """Is DSA lossless at toy scale? Dense-only training against dense → indexer warm-up → sparse training.
 
-    python bench/dsa_quality.py                   # needs `python data/prepare.py` first; writes "dsa_quality"
-    python bench/dsa_quality.py --max-steps 200 --dense-steps 120 --data-dir /tmp/d
+    python -m bench.dsa_quality                   # needs `python data/prepare.py` first; writes "dsa_quality"
+    python -m bench.dsa_quality --max-steps 200 --dense-steps 120 --data-dir /tmp/d
 
 Both runs see the same batches (data order is a pure function of (seed, step)) and take the same number
 of LM-training steps; the DSA run adds --dsa-warmup-steps steps in which only the indexer trains (its KL to
@@ -11,11 +11,8 @@ the goal here is within 2%.
 """
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent)) if __name__ == "__main__" else None
 from bench.report import machine, write_section  # noqa: E402
 from nanoglm5.trainer import STAGE_DEFAULTS, TrainConfig, Trainer  # noqa: E402
 
@@ -52,7 +49,7 @@ def main(argv=None):
     kl = [h["indexer_kl"] for h in dsa.history if h["stage"] == "warmup"]
     gap = b / a - 1
     mc = dsa.model_config
-    md = [f"`python bench/dsa_quality.py` — {machine()}; preset {args.preset}, seq_len {dsa.cfg.seq_len}, "
+    md = [f"`python -m bench.dsa_quality` — {machine()}; preset {args.preset}, seq_len {dsa.cfg.seq_len}, "
           f"index_topk {mc.index_topk}, {args.max_steps} LM steps × {dsa.cfg.batch_size} sequences, "
           f"DSA run: {args.dense_steps} dense + {args.dsa_warmup_steps} indexer warm-up + "
           f"{args.max_steps - args.dense_steps} sparse steps.", "",

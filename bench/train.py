@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and MFU of the MoE presets against dense models of equal active parameters.
 
-    python bench/train.py                     # tiny and mini, writes the "train" section of docs/benchmarks.md
-    python bench/train.py --presets tiny --steps 5
+    python -m bench.train                     # tiny and mini, writes the "train" section of docs/benchmarks.md
+    python -m bench.train --presets tiny --steps 5
 
 For each preset, the same training step as train.py (Trainer.train_step: forward, backward, AdamW,
 router-bias update; sparse DSA stage) runs on random tokens, against a dense twin: every layer a
@@ -13,7 +13,6 @@ MFU = achieved model FLOPs / the fp32 matmul rate of this machine, measured in t
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent)) if __name__ == "__main__" else None
 from bench.report import machine, write_section  # noqa: E402
 from nanoglm5.config import ModelConfig  # noqa: E402
 from nanoglm5.trainer import TrainConfig, Trainer  # noqa: E402
@@ -94,7 +92,7 @@ def main(argv=None):
                 rows.append(r)
                 print(json.dumps(r))
     peak_after = matmul_flops()
-    md = [f"`python bench/train.py` — {machine()}; seq {args.seq_len} × batch {args.batch_size}, "
+    md = [f"`python -m bench.train` — {machine()}; seq {args.seq_len} × batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps, sparse DSA stage, AdamW, fp32.",
           f"Measured fp32 matmul rate (1024²): {peak / 1e9:.1f} GFLOP/s at start, {peak_after / 1e9:.1f} at end.", "",
           "| preset | model | params | active/token | tokens/s | × dense twin | FLOPs/token | MFU |",

@@ -130,6 +130,8 @@ class Attention(nn.Module):
         #  "stable" ties go to the earlier position: the selection depends only on visible scores, so cache
         #           decode, batching and full recompute agree exactly. The engine and RL use this.
         self.tie_break = "topk"
+        self.query_chunk = 1024  # sparse path: queries per checkpointed block (bounds memory at long T)
+        self.gather_min_keys = 2048  # impl="auto" gathers the top-k latents only above this many keys
 
     # -- projections --------------------------------------------------------------------------
     def project(self, x, cos, sin):
@@ -187,10 +189,48 @@ class Attention(nn.Module):
         out = torch.einsum("bhtc,hvc->bthv", o_lat, w_uv)  # W_UV applied after the weighted sum
         return out.reshape(B, T, self.n_heads * self.dv), probs
 
+    # -- DSA selection and the sparse block -----------------------------------------------------
+    def select(self, index_scores, allowed):
+        """Top-k keys per query. The causal mask is added BEFORE top-k, so the selection never holds the future."""
+        masked = index_scores.detach().masked_fill(~allowed, float("-inf"))
+        if self.tie_break == "stable":
+            return masked.sort(dim=-1, descending=True, stable=True).indices[..., : self.cfg.index_topk]
+        return masked.topk(self.cfg.index_topk, dim=-1).indices
+
+    def sparse_block(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool):
+        """Indexer → top-k → gathered absorbed attention, for a block of queries (all keys).
+        Returns (out, KL over the selected set, or 0 when not asked)."""
+        with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
+            scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)  # (B, t, S)
+        topk = self.select(scores, allowed)
+        out, probs = self.attend_absorbed(q_nope, q_rot, c_kv, k_rot, allowed, topk)
+        if not want_kl:
+            return out, out.new_zeros(())
+        return out, indexer_kl(probs, scores.gather(-1, topk), allowed.gather(-1, topk))
+
+    def sparse_chunked(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool):
+        """sparse_block over chunks of `query_chunk` queries, each recomputed in backward (activation
+        checkpointing): memory O(chunk·S + T·k) instead of the (B, T, H_I, S) index scores and the
+        (B, T, k, kv_lora + rope) gathered latents of the whole sequence. Same numbers as one block."""
+        T, C = x_i.shape[1], self.query_chunk
+        outs, kl = [], 0.0
+        for i in range(0, T, C):
+            s = slice(i, i + C)
+            args = (x_i[:, s], ql_i[:, s], cos[:, s], sin[:, s], q_nope[:, :, s], q_rot[:, :, s], c_kv, k_rot,
+                    index_k, allowed[:, s], want_kl)
+            if torch.is_grad_enabled():
+                out, k = torch.utils.checkpoint.checkpoint(self.sparse_block, *args, use_reentrant=False)
+            else:
+                out, k = self.sparse_block(*args)
+            outs.append(out)
+            kl = kl + k * (out.shape[1] / T)  # the mean over all queries
+        return torch.cat(outs, dim=1), kl
+
     def forward(self, x, cos, sin, positions, cache=None, sparse=True, want_kl=False, impl="auto"):
         """x (B,T,H) normed block input; positions (B,T) absolute. cache: an object with
         update(layer_idx, c_kv, k_rot, index_k, positions) → (c_kv, k_rot, index_k, key_positions) over
         everything cached (see engine.py); empty slots have key_positions larger than any query.
+        impl: "dense" (masked MHA), "absorbed" (gathered / cached latents) or "auto".
         Returns (out (B,T,H), indexer KL or None)."""
         q_nope, q_rot, q_latent, c_kv, k_rot = self.project(x, cos, sin)
         # the indexer learns only from its own KL: its inputs are detached (DeepSeek-V3.2 §2.1)
@@ -201,35 +241,34 @@ class Attention(nn.Module):
             c_kv, k_rot, index_k, key_pos = cache.update(self.layer_idx, c_kv, k_rot, index_k, positions)
         S = c_kv.shape[1]
         allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S) causal over absolute positions
+        select = sparse and S > self.cfg.index_topk  # with S <= k the top-k holds every visible token: dense
+        if impl == "auto":
+            # a cache is read in its compressed form; without one, gathering the top-k latents only pays off
+            # for long contexts (on CPU, below ~2K keys the masked dense matmuls are faster: docs/benchmarks.md)
+            impl = "absorbed" if cache is not None or (select and S > self.gather_min_keys) else "dense"
+
+        if select and impl == "absorbed":
+            run = self.sparse_chunked if x.shape[1] > self.query_chunk else self.sparse_block
+            out, kl = run(x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl)
+            return self.o_proj(out), (kl if want_kl else None)
 
         topk, index_scores, kl = None, None, None
-        select = sparse and S > self.cfg.index_topk  # with S <= k the top-k holds every visible token: dense
         if select or want_kl:
             with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
                 index_scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)
         if select:
-            # causal mask added BEFORE top-k, so the selection never contains the future
-            masked = index_scores.detach().masked_fill(~allowed, float("-inf"))
-            if self.tie_break == "stable":
-                topk = masked.sort(dim=-1, descending=True, stable=True).indices[..., : self.cfg.index_topk]
-            else:
-                topk = masked.topk(self.cfg.index_topk, dim=-1).indices
-
-        if impl == "auto":
-            impl = "absorbed" if (topk is not None or cache is not None) else "dense"
+            topk = self.select(index_scores, allowed)
         if impl == "dense":
             mask = allowed
             if topk is not None:
                 mask = mask & torch.zeros_like(allowed).scatter(-1, topk, True)
             out, probs = self.attend_dense(q_nope, q_rot, c_kv, k_rot, mask)
-            if want_kl:
+            if want_kl:  # warm-up: the full causal distribution; sparse stage: the selected set
                 kl = indexer_kl(probs, index_scores, mask)
         else:
-            out, probs = self.attend_absorbed(q_nope, q_rot, c_kv, k_rot, allowed, topk)
-            if want_kl and topk is None:
+            out, probs = self.attend_absorbed(q_nope, q_rot, c_kv, k_rot, allowed)
+            if want_kl:
                 kl = indexer_kl(probs, index_scores, allowed)
-            elif want_kl:  # sparse stage: KL over the selected set only
-                kl = indexer_kl(probs, index_scores.gather(-1, topk), allowed.gather(-1, topk))
         return self.o_proj(out), kl
 
 
