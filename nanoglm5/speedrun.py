@@ -283,8 +283,12 @@ def plots(out: Path, rep: Path) -> list[str]:
         steps = [s for s, _ in loads]
         axs[0].plot(steps, [ld.max(-1).mean() / ld.mean(-1).mean() for _, ld in loads])
         axs[0].set(xlabel="step", ylabel="max / mean expert load", title="MoE balance (bias rule at work)")
-        im = axs[1].imshow(loads[-1][1], aspect="auto", cmap="viridis")
-        axs[1].set(xlabel="expert", ylabel="MoE layer", title=f"load shares at step {steps[-1]}")
+        last = loads[-1][1]
+        im = axs[1].imshow(last, aspect="auto", cmap="viridis")
+        n_main = len(last) - 1 if len(last) > 1 else len(last)  # the MTP layer's MoE is the last row
+        axs[1].set_yticks(range(len(last)), [f"MoE {i}" for i in range(n_main)] + ["MTP"] * (len(last) - n_main))
+        axs[1].set_xticks(range(last.shape[1]))
+        axs[1].set(xlabel="expert", title=f"token share per expert at step {steps[-1]}")
         fig.colorbar(im, ax=axs[1])
         made.append(_save(fig, rep / "expert_load.png"))
 
@@ -382,7 +386,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the training stages")
     p.add_argument("--rl-workers", type=int, default=2)
-    p.add_argument("--qat-layers", default="experts")
+    p.add_argument("--qat-layers", default="all_but_head", help="INT4 QAT/PTQ scope (quant.prepare_qat)")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="tiny budgets everywhere: checks the chain, learns nothing")
     a = p.parse_args(argv)

@@ -190,6 +190,11 @@ class Trainer:
             raise TrainError(f"--qat {c.qat!r}: the only scheme is int4")
         if c.fsdp and not self.dist.enabled:
             self.log("[train] --fsdp has no effect in a single process (run under torchrun --nproc_per_node N)")
+        if c.fsdp and c.resume and self.dist.enabled:
+            # trainer_state.pt holds rank 0's optimizer shard only: resuming would silently lose the others
+            raise TrainError("--resume with --fsdp is not supported yet (the sharded optimizer state is not gathered "
+                             "into trainer_state.pt); resume under DDP (drop --fsdp) or restart from the weights "
+                             "with --init-from")
         if c.fsdp and c.optimizer == "muon":
             raise TrainError("--fsdp with --optimizer muon: Muon orthogonalises whole matrices, FSDP shards them; "
                              "use --optimizer adamw with --fsdp")
