@@ -13,31 +13,15 @@ summary.json and reward_vs_time.png.
 
 import argparse
 import sys
-import types
-from dataclasses import MISSING, fields
-
-
-def _base_type(t):
-    if isinstance(t, types.UnionType):
-        return next(a for a in t.__args__ if a is not type(None))
-    return {"int": int, "float": float, "str": str, "bool": bool}.get(t, t) if isinstance(t, str) else t
 
 
 def build_parser() -> argparse.ArgumentParser:
     from nanoglm5.rl.trainer import RLConfig
+    from nanoglm5.train_utils import add_config_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(RLConfig):
-        flag, t = "--" + f.name.replace("_", "-"), _base_type(f.type)
-        default = f.default if f.default is not MISSING else None
-        help_ = f.metadata.get("help", "") + f" (default: {default!r})"
-        if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default="", help=help_)
-        elif t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        else:
-            p.add_argument(flag, type=t, default=default, help=help_)
+    add_config_flags(p, RLConfig)
     return p
 
 

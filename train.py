@@ -13,18 +13,11 @@ field to override the preset. The loop itself lives in nanoglm5/trainer.py.
 
 import argparse
 import sys
-import types
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from nanoglm5.checkpoint import CheckpointError
 from nanoglm5.config import ModelConfig
-from nanoglm5.train_utils import TrainError
-
-
-def _base_type(t):
-    if isinstance(t, types.UnionType):
-        return next(a for a in t.__args__ if a is not type(None))
-    return t
+from nanoglm5.train_utils import TrainError, add_config_flags, base_type
 
 
 def _parse_bool(s: str) -> bool:
@@ -40,23 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.name == "model":
-            continue
-        flag, t = "--" + f.name.replace("_", "-"), _base_type(f.type)
-        default = f.default if f.default is not MISSING else None
-        stage_default = {s: d[f.name] for s, d in STAGE_DEFAULTS.items() if f.name in d}
-        help_ = f.metadata.get("help", "") + (f" (default: {stage_default})" if stage_default else
-                                              f" (default: {default!r})")
-        if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="auto", default="", help=help_)
-        elif t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        else:
-            p.add_argument(flag, type=t, default=default, help=help_)
+    add_config_flags(p, TrainConfig, skip=("model",), stage_defaults=STAGE_DEFAULTS)
     g = p.add_argument_group("model overrides (ModelConfig fields; default: the preset's value)")
     for f in fields(ModelConfig):
-        t = _base_type(f.type)
+        t = base_type(f.type)
         if t not in (int, float, bool, str):
             continue
         g.add_argument("--" + f.name.replace("_", "-"), dest="model." + f.name, default=None,

@@ -88,7 +88,7 @@ def main(argv=None):
           f"**async/sync throughput: {ratio:.2f}x** (target ≥ 3×: {verdict}; published: AReaL 2.77×, verl "
           f"2.35–2.67×, Laminar up to 5.48×). Sync waits every step for its slowest group and its judge calls, "
           f"then the workers idle while the trainer trains; async keeps decoding new groups beside the stragglers "
-          f"and while the trainer trains. The machine is shared and noisy: the ratio moves by ±30% between runs.")
+          f"and while the trainer trains. Each mode runs once; rerun the command to see the run-to-run spread.")
     if not a.quick:
         write_section("rl_throughput", md)
     print(f"async/sync throughput: {ratio:.2f}x")

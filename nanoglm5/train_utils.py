@@ -11,12 +11,14 @@ Holds, top to bottom:
   - `config_diff` for resume checks, `unigram_entropy`, `bytes_per_token`, `greedy_generate`.
 """
 
+import argparse
 import dataclasses
 import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import types
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +302,29 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=(), 
             break
     model.train(was_training)
     return new
+
+
+# ---------------------------------------------------------------------------------------------- CLI flags
+def base_type(t):
+    """int for `int | None`, and the type behind a string annotation."""
+    if isinstance(t, types.UnionType):
+        t = next(a for a in t.__args__ if a is not type(None))
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(t, t) if isinstance(t, str) else t
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, skip=(), stage_defaults: dict | None = None) -> None:
+    """One --kebab-case flag per field of the config dataclass `cls` (CLI flag = field name), its help from
+    the field's metadata; bools get --x / --no-x; `resume` takes an optional path (bare --resume = 'auto')."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag, t = "--" + f.name.replace("_", "-"), base_type(f.type)
+        default = f.default if f.default is not MISSING else None
+        per_stage = {s: d[f.name] for s, d in (stage_defaults or {}).items() if f.name in d}
+        help_ = f.metadata.get("help", "") + (f" (default: {per_stage})" if per_stage else f" (default: {default!r})")
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const="auto", default="", help=help_)
+        elif t is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            p.add_argument(flag, type=t, default=default, help=help_)
