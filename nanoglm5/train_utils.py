@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import types
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +310,13 @@ def base_type(t):
     if isinstance(t, types.UnionType):
         t = next(a for a in t.__args__ if a is not type(None))
     return {"int": int, "float": float, "str": str, "bool": bool}.get(t, t) if isinstance(t, str) else t
+
+
+def config_field(default, help: str):
+    """A config dataclass field with its --help text, which add_config_flags reads (dict defaults get a factory)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls, skip=(), stage_defaults: dict | None = None) -> None:

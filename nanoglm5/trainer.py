@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from nanoglm5.train_utils import (
     bytes_per_token,
     chat_example,
     config_diff,
+    config_field,
     greedy_generate,
     load_shards,
     load_trainer_state,
@@ -63,12 +64,7 @@ from nanoglm5.train_utils import (
     unigram_entropy,
 )
 
-
-def f(default, help: str):
-    """A TrainConfig field with its --help text (dict defaults get a factory)."""
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+f = config_field  # a field with its --help text
 
 
 @dataclass

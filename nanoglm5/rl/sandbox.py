@@ -166,7 +166,9 @@ def _bwrap_argv(judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
             argv += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
-    made = set()
+    # the private /tmp first: a Python installed under /tmp (a venv there) is then bound on top of it
+    argv += ["--size", str(tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
+    made = {"/tmp"}
     for r in _python_roots():
         # bwrap would create the parents 0700 (unreadable once the program drops to its own uid)
         parents = [p for p in _ancestors(r) if p not in made]
@@ -179,12 +181,6 @@ def _bwrap_argv(judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
         "/proc",
         "--dev",
         "/dev",
-        "--size",
-        str(tmpfs_bytes),
-        "--perms",
-        "1777",
-        "--tmpfs",
-        "/tmp",
         "--size",
         str(tmpfs_bytes),
         "--perms",

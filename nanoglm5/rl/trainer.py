@@ -24,7 +24,7 @@ Simplified: no KL term, no entropy bonus, no critic; the MoE router bias is not 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,10 +33,9 @@ from nanoglm5.optim import build_optimizer
 from nanoglm5.rl.buffer import Group, Lease
 from nanoglm5.rl.envs import lognormal_lengths, make_env
 from nanoglm5.rl.loss import AGGS, KINDS, group_advantages, policy_loss
+from nanoglm5.train_utils import config_field
 
-
-def f(default, help: str):
-    return field(default=default, metadata={"help": help})
+f = config_field  # a field with its --help text (train_utils.add_config_flags)
 
 
 @dataclass
