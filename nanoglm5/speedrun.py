@@ -168,15 +168,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def lm_val_loss(model, tokens: np.ndarray, n_seqs: int, seq_len: int) -> float:
-    """Mean next-token loss over n evenly spaced windows of the validation shard (sparse attention)."""
+    """Mean next-token loss over n evenly spaced windows of the validation shard (sparse attention), the
+    windows train.py evaluates on."""
     import torch
 
-    starts = np.linspace(0, len(tokens) - seq_len - 1, num=n_seqs).astype(np.int64)
+    from nanoglm5.train_utils import TokenBatches
+
     tot, n = 0.0, 0
     with torch.no_grad():
-        for i in range(0, n_seqs, 8):
-            w = np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts[i : i + 8]])
-            x, y = torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])
+        for x, y in TokenBatches(tokens, seq_len, seed=0).eval_batches(n_seqs, 8):
             tot += model(x, y, mtp_weight=0.0).lm_loss.item() * y.numel()
             n += y.numel()
     return tot / max(n, 1)
