@@ -1,13 +1,13 @@
 """Reinforcement learning for nanoGLM5: asynchronous rollout workers ⇄ weight relay ⇄ trainer (DESIGN.md §5).
 
-    python rl.py --init-from out/sft/ckpt                       # async, 2 workers, mixed math/code/agent tasks
+    python rl.py --init-from out/sft/ckpt                       # async, 2 workers, code tasks judged in the sandbox
     python rl.py --init-from out/sft/ckpt --mode sync           # the same code with η = 0: the synchronous baseline
-    python rl.py --init-from out/sft/ckpt --env code --loss icepop --max-staleness 4 --partial-rollout
+    python rl.py --init-from out/sft/ckpt --env mix --loss icepop --max-staleness 4 --partial-rollout
     python rl.py --init-from out/sft/ckpt --time-budget-s 180   # stop, save and evaluate after 3 minutes
     python rl.py --resume                                       # continue out/rl/ckpt: model, optimizer, buffer, leases
 
-Every flag is a field of `nanoglm5.rl.trainer.RLConfig` (kebab-case). Prints the held-out greedy accuracy
-before and after, writes out_dir/ckpt (the one checkpoint format + rl_state), metrics.jsonl, timeline.json,
+Every flag is a field of `nanoglm5.rl.trainer.RLConfig` (kebab-case). Prints the held-out pass@1 (greedy,
+and the mean of 8 seeded samples) before and after, writes out_dir/ckpt (the one checkpoint format + rl_state), metrics.jsonl, timeline.json,
 summary.json and reward_vs_time.png.
 """
 

@@ -4,11 +4,14 @@ reasoning and agentic data (the report's post-training section); ours are toy st
   math       problems with worked, step-by-step answers (corpus.math_problems; RL's MathEnv prompts)
   knowledge  "What does json.dumps do?" → the first sentence of its docstring; from data/knowledge.jsonl
              when `data/prepare.py` wrote it, else straight from the stdlib docstrings and pydoc topics
-  code       the RL code tasks (rl/envs.py CodeEnv, train split) with their reference one-liner
-  agent      the RL tool-use tasks (AgentEnv, train split) as multi-turn transcripts: CALL → observation → …
+  code       RL-style code tasks (rl/envs.py CodeEnv, "sft" split) with their reference one-liner
+  agent      RL-style tool-use tasks (AgentEnv, "sft" split) as multi-turn transcripts: CALL → observation → …
              → ANSWER, observations computed by the environment itself
 
-Only RL "train"-split tasks are used, so the RL eval split stays unseen. Conversations are kept short
+Only the environments' "sft" split is used: disjoint from RL's "train" tasks and from the held-out "eval"
+ones. SFT teaches the formats; RL then meets tasks that are as new to the model as the eval tasks, so
+what it gains there can carry over (when SFT showed RL's own tasks with their answers, the model
+memorised them and RL had nothing left to learn that transfers: docs/LOG.md). Conversations are kept short
 (the tiny model's seq_len is 256). Same (n, seed) → the same list.
 """
 
@@ -17,9 +20,9 @@ import random
 import re
 from pathlib import Path
 
-from nanoglm5.corpus import Rejects, math_problems, pydoc_topics, stdlib_docstrings
+from nanoglm5.corpus import Rejects, math_problems, pydoc_topics, stable_hash, stdlib_docstrings
 
-MIX = {"math": 0.35, "knowledge": 0.30, "code": 0.20, "agent": 0.15}
+MIX = {"math": 0.25, "knowledge": 0.25, "code": 0.30, "agent": 0.20}
 MATH_SYSTEM = "Solve the problem. End with 'Answer: <number>'."
 
 
@@ -70,26 +73,29 @@ def knowledge_qa(n: int, seed: int, data_dir: str | Path | None = None) -> list[
 
 
 def math_chats(n: int, seed: int) -> list[dict]:
-    out = []
-    for p in math_problems(n, seed):
-        out.append({"kind": "math", "messages": [
-            {"role": "system", "content": MATH_SYSTEM}, {"role": "user", "content": p["question"]},
-            {"role": "assistant", "content": p["solution"]}]})
+    """Worked math problems from the "sft" split of the RL math tasks' space (never an RL or eval question)."""
+    from nanoglm5.rl.envs import split_of
+
+    out, chunk = [], 0
+    while len(out) < n:
+        for p in math_problems(256, seed=stable_hash(f"sft-math:{seed}:{chunk}") % 2**31):
+            if split_of(p["question"]) == "sft" and len(out) < n:
+                out.append({"kind": "math", "messages": [
+                    {"role": "system", "content": MATH_SYSTEM}, {"role": "user", "content": p["question"]},
+                    {"role": "assistant", "content": p["solution"]}]})
+        chunk += 1
     return out
 
 
 def rl_task_chats(n_code: int, n_agent: int, seed: int, max_agent_steps: int = 4) -> list[dict]:
-    """The RL environments' train-split tasks with their reference answers, in chat form.
-    Empty if nanoglm5/rl/envs.py is not installed."""
-    try:
-        from nanoglm5.rl.envs import AgentEnv, CodeEnv
-    except ImportError:
-        return []
+    """The RL environments' "sft"-split tasks with their reference answers, in chat form."""
+    from nanoglm5.rl.envs import AgentEnv, CodeEnv
+
     out = []
-    for t in CodeEnv().make_tasks(n_code, seed, "train"):
+    for t in CodeEnv().make_tasks(n_code, seed, "sft"):
         out.append({"kind": "code", "messages": t.messages + [{"role": "assistant", "content": t.answer}]})
     env = AgentEnv(sleep=False)
-    for t in env.make_tasks(4 * n_agent, seed, "train"):
+    for t in env.make_tasks(4 * n_agent, seed, "sft"):
         if len(out) >= n_code + n_agent:
             break
         if len(t.meta["ops"]) > max_agent_steps:
@@ -110,7 +116,7 @@ def build_conversations(n: int, seed: int, data_dir: str | Path | None = None) -
     k = {name: int(round(frac * n)) for name, frac in MIX.items()}
     convs = math_chats(k["math"], seed) + knowledge_qa(k["knowledge"], seed, data_dir)
     convs += rl_task_chats(k["code"], k["agent"], seed)
-    if len(convs) < n:  # no RL envs or few knowledge docs: top up with math
+    if len(convs) < n:  # few knowledge docs: top up with math
         convs += math_chats(n - len(convs), seed + 1)
     random.Random(f"sft:{seed}").shuffle(convs)
     return convs[:n]

@@ -79,8 +79,8 @@ class TrainConfig:
     seed: int = f(1337, "one seed for init, data order and everything else")
     # batches
     seq_len: int = f(256, "tokens per sequence (SFT: longer conversations are cut)")
-    batch_size: int = f(8, "sequences per optimizer step, summed over ranks and micro-batches")
-    micro_batch_size: int = f(8, "sequences per forward/backward on one rank (gradient accumulation)")
+    batch_size: int | None = f(None, "sequences per optimizer step, summed over ranks and micro-batches")
+    micro_batch_size: int | None = f(None, "sequences per forward/backward on one rank (gradient accumulation)")
     max_steps: int | None = f(None, "optimizer steps in total, DSA warm-up included")
     # DSA stages
     dense_steps: int | None = f(None, "pretrain: first steps with dense attention, all weights (GLM-5's pre-DSA phase)")
@@ -114,7 +114,7 @@ class TrainConfig:
     fsdp: bool = f(False, "under torchrun: shard parameters with FSDP2 (fully_shard) instead of DDP")
     threads: int = f(0, "CPU threads (0 = torch default)")
     # SFT
-    sft_examples: int = f(3000, "SFT conversations generated (math, knowledge Q&A, RL tasks)")
+    sft_examples: int = f(12000, "SFT conversations generated (math, knowledge Q&A, RL-style tasks)")
     # quantization-aware training (INT4 issue: nanoglm5.quant.prepare_qat)
     qat: str = f("", "'int4': fake-quantize weights during training (straight-through estimator)")
     qat_layers: str = f("experts", "which weights QAT covers (see nanoglm5.quant.prepare_qat)")
@@ -128,12 +128,13 @@ class TrainConfig:
         return replace(self, **d)
 
 
-# Defaults sized for the tiny preset on a 2-core CPU: pretraining ≈ 5 min, SFT ≈ 2-3 min (docs/benchmarks.md).
+# Defaults sized for the tiny preset on a 2-core CPU: pretraining ≈ 3 min, SFT ≈ 10 min (docs/benchmarks.md).
+# SFT is long enough for the model to learn to copy numbers from the prompt (between 400 and 800 steps of
+# 32 conversations), without which RL has nothing to build on (docs/LOG.md).
 STAGE_DEFAULTS = {
-    "pretrain": dict(out_dir="out/pretrain", max_steps=400, dense_steps=250, dsa_warmup_steps=30, lr=3e-3,
+    "pretrain": dict(out_dir="out/pretrain", max_steps=400, batch_size=8, micro_batch_size=8, dense_steps=250, dsa_warmup_steps=30, lr=3e-3,
                      warmup_steps=20, eval_every=100, save_every=100),
-    "sft": dict(out_dir="out/sft", max_steps=300, dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=20,
-                eval_every=100, save_every=100),
+    "sft": dict(out_dir="out/sft", max_steps=800, batch_size=32, micro_batch_size=8, dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=20, eval_every=200, save_every=200),
 }
 
 # Fields that may change between a run and its --resume without breaking exactness of the math.

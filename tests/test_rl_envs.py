@@ -19,7 +19,8 @@ def test_tasks_deterministic_and_splits_disjoint(name):
     prompt = lambda t: json.dumps(t.messages)
     train = {prompt(t) for s in range(3) for t in env.make_tasks(60, seed=s, split="train")}
     evals = {prompt(t) for s in range(3) for t in env.make_tasks(30, seed=s, split="eval")}
-    assert train and evals and not (train & evals)
+    sft = {prompt(t) for s in range(3) for t in env.make_tasks(60, seed=s, split="sft")}
+    assert train and evals and sft and not (train & evals) and not (sft & train) and not (sft & evals)
     json.dumps([t.__dict__ for t in a])  # tasks cross process boundaries as JSON/pickle
     with pytest.raises(ValueError, match="split"):
         env.make_tasks(1, 0, split="test")

@@ -44,6 +44,43 @@ def test_sample_seed_is_a_function_of_group_not_worker():
     assert sample_seed(1, 5, 0) == sample_seed(1, 5, 0) != sample_seed(1, 5, 1) != sample_seed(1, 6, 0)
 
 
+def test_time_budget_stops_the_trainer_even_with_a_batch_ready(ckpt, tmp_path):
+    """Async keeps the buffer full, so the deadline must be checked before taking a ready batch (it once
+    was checked only while waiting, and the speedrun's async stage overran its --time-budget-s)."""
+    from test_rl_buffer import _group
+
+    ctl = Controller(_cfg(ckpt, tmp_path / "run", groups_per_step=2), quiet=True)  # workers never started
+    for _ in range(2):
+        ctl.buffer.complete(_group(ctl.buffer.admit(0)))
+    assert ctl._wait_batch(deadline=time.time() - 1) is None
+    assert len(ctl._wait_batch(deadline=time.time() + 5)) == 2
+
+
+def test_group_waiting_on_its_judge_frees_its_decode_slot(ckpt):
+    """A group whose samples only wait for a slow judge no longer counts against worker_groups: the next
+    group decodes meanwhile (the async stall that bench/rl_throughput.py measured), and weights swapped
+    then open no segment in the judged samples."""
+    model, tok = load_hf(ckpt).eval(), Tokenizer.load(ckpt)
+    s = RolloutSettings(group_size=2, max_new_tokens=4, max_len=128, worker_groups=1)
+    src = TaskSource(_cfg(ckpt, "unused", env="math", judge_latency_s=2.0))
+    ro = Rollout(model, tok, s)
+    try:
+        ro.start(Lease(0, 0, math.inf, 0), src(0))
+        while ro.decoding():
+            assert not ro.step()  # the judge sleeps 2 s: nothing finishes while A decodes its 4 tokens
+        assert ro.busy() and ro.decoding() == 0  # A is being judged
+        ro.set_version(1)
+        assert all(smp.versions == [(0, 0)] for smp in ro.groups[0].samples)
+        ro.start(Lease(1, 0, math.inf, 1), src(1))
+        n = ro.tokens_generated
+        for _ in range(3):
+            ro.step()
+        assert ro.tokens_generated > n and ro.decoding() == 1
+        assert all(smp.reward is None for smp in ro.groups[0].samples)  # B decoded while A's judge ran
+    finally:
+        ro.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("topk", [512, 16])
 def test_tito_trainer_logprobs_equal_worker_logprobs(tmp_path, topk):

@@ -74,6 +74,20 @@ def test_sft_targets_only_on_assistant_tokens():
     assert batches.n_targets(0, 2) == int((yb >= 0).sum())
 
 
+def test_sft_micro_batches_sorted_by_length_cover_the_step():
+    """Micro-batches of one step hold the step's examples sorted by length (less padding), all of them once."""
+    rng = np.random.default_rng(0)
+    exs = [chat_example(list(range(1, n + 2)), [1] * (n + 1), 64) for n in rng.integers(2, 40, size=24)]
+    b = ChatBatches(exs, seed=3, pad_id=0)
+    for step in range(3):
+        parts = [b.batch(step, 8, lo, lo + 2) for lo in range(0, 8, 2)]
+        lens = [int((y >= 0).sum(1).max()) for _, y in parts]
+        assert lens == sorted(lens) and [x.shape[1] for x, _ in parts] == lens
+        got = sorted(int((y >= 0).sum()) for _, ys in parts for y in ys)
+        assert got == sorted(int(b.n_valid[i]) for i in b.indices(step, 8))
+        assert sum(int((y >= 0).sum()) for _, y in parts) == b.n_targets(step, 8)
+
+
 def test_sft_render_mask_with_real_tokenizer():
     tk = pytest.importorskip("nanoglm5.tokenizer")
     tok = tk.Tokenizer.train(["hello world, what does f do? it adds numbers."] * 20, vocab_size=300)
@@ -92,6 +106,24 @@ def test_sft_data_mix():
     kinds = {c["kind"] for c in convs}
     assert {"math", "knowledge"} <= kinds
     assert all(any(m["role"] == "assistant" for m in c["messages"]) for c in convs)
+
+
+def test_sft_tasks_disjoint_from_rl_tasks():
+    """SFT shows the "sft" split only: no RL train or held-out eval prompt appears in it (docs/LOG.md)."""
+    import json
+
+    from nanoglm5.rl.envs import make_env
+    from nanoglm5.sft_data import build_conversations
+
+    convs = build_conversations(400, seed=1337)
+    user = lambda msgs: next(m["content"] for m in msgs if m["role"] == "user")
+    seen = {user(c["messages"]) for c in convs if c["kind"] in ("math", "code", "agent")}
+    assert {"math", "code", "agent"} <= {c["kind"] for c in convs}
+    for name in ("math", "code", "agent"):
+        for split in ("train", "eval"):
+            rl = {user(t.messages) for t in make_env(name).make_tasks(300, seed=1337, split=split)}
+            assert not (seen & rl), (name, split, sorted(seen & rl)[:3])
+    assert json.dumps(convs)
 
 
 # ---------------------------------------------------------------------------------------------- DSA stages

@@ -216,7 +216,11 @@ class Controller:
 
     def _dispatch(self) -> None:
         """Hand out leases: parked ones first, then newly admitted ones, to workers with room."""
-        cap = max(1, self.cfg.worker_groups) + 1  # one lease prefetched beyond what the engine decodes
+        # a worker holds up to worker_groups groups decoding, the groups its judge threads can wait on (they
+        # free their decode slot: rollout.Rollout.decoding; Little's law: a slow judge needs many in flight),
+        # and one prefetched lease
+        c = self.cfg
+        cap = max(1, c.worker_groups) + -(-c.env_threads // c.group_size) + 1
         for w in self.workers.values():  # forget assignments whose lease expired or was re-issued
             w.assigned = {g: a for g, a in w.assigned.items()
                           if g in self.buffer.leases and self.buffer.leases[g].attempt == a}
@@ -289,6 +293,8 @@ class Controller:
             while True:
                 if self._error:
                     raise TrainError(self._error)
+                if time.time() > deadline:  # checked first: in async mode a batch is usually ready already
+                    return None
                 before = set(self.buffer.trained)
                 batch = self.buffer.take_batch(None, self.version)
                 if batch is not None:
@@ -296,8 +302,6 @@ class Controller:
                     kept = sum(t.n_loss_tokens for g in batch for t in g.trajectories)
                     self.counters["dropped_tokens"] += max(0, sum(self.group_tokens.pop(g, 0) for g in taken) - kept)
                     return batch
-                if time.time() > deadline:
-                    return None
                 self.lock.wait(0.05)
 
     def train_one(self, deadline: float = float("inf"), on_step=None) -> dict | None:
@@ -447,8 +451,11 @@ class Controller:
         if c.plot and self.history:
             plot_reward_vs_time({c.mode: self.history}, self.out_dir / "reward_vs_time.png")
         if before and after:
-            self.log(f"[rl] held-out greedy accuracy ({before['n']} tasks): {before['acc']:.3f} → {after['acc']:.3f} "
-                     + " ".join(f"{k[4:]} {before[k]:.3f}→{after[k]:.3f}" for k in before if k.startswith("acc/")))
+            for key, what in (("acc", "greedy"), ("sampled", "sampled")):
+                if key in before:
+                    self.log(f"[rl] held-out {what} pass@1 ({before['n']} tasks): {before[key]:.3f} → {after[key]:.3f} "
+                             + " ".join(f"{k[len(key) + 1:]} {before[k]:.3f}→{after[k]:.3f}"
+                                        for k in before if k.startswith(key + "/")))
         s = summary
         self.log(f"[rl] {s['steps']} steps in {s['wall_s']:.0f}s: {s['trained_tokens_per_s']:.1f} trained tok/s, "
                  f"{s['groups_per_s']:.2f} groups/s, trainer idle {s['trainer_idle_frac']:.0%}, rollout idle "
@@ -461,8 +468,10 @@ class Controller:
         if not tasks:
             return {}
         t = time.time()
-        res = evaluate(self.model, self.tokenizer, tasks, self.settings)
-        self.log(f"[rl] eval {when}: greedy pass@1 {res['acc']:.3f} on {res['n']} held-out tasks ({time.time() - t:.0f}s)")
+        res = evaluate(self.model, self.tokenizer, tasks, self.settings, samples=self.cfg.eval_samples)
+        sampled = f", sampled pass@1 {res['sampled']:.3f} ({self.cfg.eval_samples} draws/task)" if "sampled" in res else ""
+        self.log(f"[rl] eval {when}: greedy pass@1 {res['acc']:.3f}{sampled} on {res['n']} held-out tasks "
+                 f"({time.time() - t:.0f}s)")
         return res
 
     def _wandb(self):

@@ -2,8 +2,10 @@
 
 Three environments share one small interface:
   - `Task`: task_id, env name, the prompt as chat `messages`, the reference `answer`, checker `meta`;
-  - `env.make_tasks(n, seed, split)`: deterministic in (n, seed, split); "train" and "eval" are
-    disjoint by construction (a task's split is a hash of its content, not of the seed);
+  - `env.make_tasks(n, seed, split)`: deterministic in (n, seed, split); "train" (RL), "eval" (held out)
+    and "sft" (SFT demonstrations, nanoglm5/sft_data.py) are disjoint by construction (a task's split is a
+    hash of its content, not of the seed), so neither SFT nor RL ever sees an eval task, and RL's tasks
+    are as new to the SFT model as the eval ones: what RL gains on them can transfer;
   - `env.reward(task, completion_text) -> float` in [0, 1];
   - multi-turn envs add `env.reset(task) -> state` and
     `env.step(task, state, assistant_text) -> (observation_text | None, done, reward)`.
@@ -41,8 +43,8 @@ from statistics import NormalDist
 from nanoglm5.corpus import check_math_answer, math_problems, stable_hash
 from nanoglm5.rl.sandbox import run_code
 
-SPLITS = ("train", "eval")
-EVAL_FRAC = 0.2  # share of the task space that belongs to "eval"
+SPLITS = ("train", "eval", "sft")
+SPLIT_FRACS = {"eval": 0.2, "sft": 0.4}  # shares of the task space; "train" (RL) gets the rest
 
 
 @dataclass
@@ -66,7 +68,12 @@ class Task:
 
 def split_of(key: str) -> str:
     """Which split a task's content belongs to; independent of the seed so splits never overlap."""
-    return "eval" if stable_hash(f"rl-split:{key}") % 10_000 < EVAL_FRAC * 10_000 else "train"
+    u, lo = stable_hash(f"rl-split:{key}") % 10_000 / 10_000, 0.0
+    for split, frac in SPLIT_FRACS.items():
+        if lo <= u < lo + frac:
+            return split
+        lo += frac
+    return "train"
 
 
 def _check_split(split: str) -> None:
@@ -131,8 +138,12 @@ class MathEnv:
 
 
 def _code_templates(r: random.Random) -> tuple[str, str, str, list[tuple]]:
-    """(spec, signature, reference body, test argument tuples) for one random template."""
-    a, b, k = r.randint(2, 9), r.randint(1, 9), r.randint(2, 4)
+    """(spec, signature, reference body, test argument tuples) for one random template.
+
+    Every template carries a constant drawn from a wide range, and the split is a hash of the whole
+    spec: held-out tasks are seen templates with unseen constants, so solving them takes reading the
+    number from the prompt and copying it, not recalling a memorised answer."""
+    a, b, k = r.randint(2, 19), r.randint(1, 29), r.randint(2, 19)
     ints = [(x,) for x in r.sample(range(-20, 21), 5)]
     lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(5)]
     words = [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(5)]
@@ -142,14 +153,13 @@ def _code_templates(r: random.Random) -> tuple[str, str, str, list[tuple]]:
         (f"returns x times x minus {b}", "f(x)", f"x * x - {b}", ints),
         (f"returns x modulo {a}", "f(x)", f"x % {a}", ints),
         (f"returns the absolute value of x plus {b}", "f(x)", f"abs(x) + {b}", ints),
-        ("returns the larger of a and b", "f(a, b)", "max(a, b)", pairs),
+        (f"returns the larger of a and b plus {b}", "f(a, b)", f"max(a, b) + {b}", pairs),
         (f"returns a plus {a} times b", "f(a, b)", f"a + {a} * b", pairs),
-        ("returns the sum of the list xs", "f(xs)", "sum(xs)", lists),
-        ("returns the largest element of the list xs", "f(xs)", "max(xs)", lists),
-        ("returns the list xs reversed", "f(xs)", "xs[::-1]", lists),
+        (f"returns the sum of the list xs plus {b}", "f(xs)", f"sum(xs) + {b}", lists),
+        (f"returns the largest element of the list xs minus {b}", "f(xs)", f"max(xs) - {b}", lists),
+        (f"returns the length of the list xs times {a}", "f(xs)", f"len(xs) * {a}", lists),
         (f"returns the string s repeated {k} times", "f(s)", f"s * {k}", words),
-        ("returns the string s in upper case", "f(s)", "s.upper()", words),
-        ("returns the length of the string s", "f(s)", "len(s)", words),
+        (f"returns the length of the string s plus {b}", "f(s)", f"len(s) + {b}", words),
     ]
     return r.choice(choices)
 

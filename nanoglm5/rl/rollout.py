@@ -58,7 +58,7 @@ class RolloutSettings:
     worker_threads: int = 1  # torch.set_num_threads in each worker (oversubscription ruins timing)
     seed: int = 1337
     renew_every_s: float = 1.0  # heartbeat period: renews every lease the worker holds
-    env_threads: int = 8  # judge / environment calls in flight per worker
+    env_threads: int = 32  # judge / environment calls in flight per worker
     env_latency_s: float = 0.0  # AgentEnv tool-call latency median (lognormal, p99/p50 = 10)
 
     @classmethod
@@ -98,6 +98,7 @@ class _Sample:
     reward: float | None = None
     finish: str = ""
     env_s: float = 0.0
+    judging: bool = False  # fully generated; only the final judge call is outstanding
 
 
 @dataclass(eq=False)
@@ -134,6 +135,12 @@ class Rollout:
     def busy(self) -> bool:
         return bool(self.groups)
 
+    def decoding(self) -> int:
+        """Groups that may still need the engine. A group whose samples only wait for their final judge
+        call (a slow test suite, a remote grader) frees its decode slot and keeps no weights pinned:
+        the engine starts the next group meanwhile, instead of idling for the judge (rl.md §5)."""
+        return sum(not all(s.reward is not None or s.judging for s in g.samples) for g in self.groups.values())
+
     def held(self) -> list[tuple[int, int]]:
         return [(g.lease.group_id, g.lease.attempt) for g in self.groups.values()]
 
@@ -144,7 +151,7 @@ class Rollout:
         self.version = version
         for g in self.groups.values():
             for smp in g.samples:
-                if smp.reward is None:
+                if smp.reward is None and not smp.judging:
                     if smp.versions[-1][0] == len(smp.tokens):
                         smp.versions[-1] = (len(smp.tokens), version)
                     else:
@@ -199,6 +206,7 @@ class Rollout:
         else:
             fut = self.pool.submit(_timed, _judge, env, task, text, task.meta.get("judge_latency_s", 0.0))
             self.pending.append((fut, smp, "reward"))
+            smp.judging = True
 
     def _observe(self, smp: _Sample, obs: str) -> None:
         """Append the observation turn and the next generation prompt (mask 0), then continue."""
@@ -269,7 +277,7 @@ class Rollout:
         """Generate the given groups to completion (in-process use); groups in the given order."""
         todo, done = deque(leases_tasks), {}
         while todo or self.busy():
-            while todo and len(self.groups) < max(1, self.s.worker_groups):
+            while todo and self.decoding() < max(1, self.s.worker_groups):
                 self.start(*todo.popleft())
             for g in self.step():
                 done[g.group_id] = g
@@ -382,14 +390,14 @@ def _worker_loop(wid, s: RolloutSettings, model_config, tokenizer_file, relay, l
             queued.append((msg[1], Task(**msg[2])))
         # weights: freshest version allowed by the pickup policy (the relay never makes the trainer wait)
         if relay.latest_version() > ro.version:
-            if not ro.busy() or (s.partial_rollout and steps_since_poll >= s.pull_every):
+            if not ro.decoding() or (s.partial_rollout and steps_since_poll >= s.pull_every):
                 pull()
                 steps_since_poll = 0
         # start queued leases while there is room and our weights are fresh enough for them
-        while queued and len(ro.groups) < max(1, s.worker_groups):
+        while queued and ro.decoding() < max(1, s.worker_groups):
             lease, task = queued[0]
             if ro.version < lease.min_version:
-                if ro.busy() and not s.partial_rollout:
+                if ro.decoding() and not s.partial_rollout:
                     break  # drain the running groups first, then swap (between-groups pickup)
                 pull(min_version=lease.min_version)
             queued.popleft()

@@ -12,7 +12,7 @@ Holds, top to bottom:
     `policy_loss` (DDIS by default; grpo_clip / tis / icepop / is / pg as switches; token- or
     sample-mean), AdamW over optim.py's parameter groups, gradient clipping, an optional optimizer reset
     after each weight push (GLM-5 §4.1);
-  - `evaluate`: greedy pass@1 on the held-out "eval" split, seeded, in-process.
+  - `evaluate`: pass@1 on the held-out "eval" split, greedy and sampled (seeded draws), in-process.
 
 One rollout batch = push_every × groups_per_step groups = one weight version: the learner takes
 push_every optimizer steps on it (minibatches in group order), then the controller publishes. With
@@ -45,15 +45,16 @@ class RLConfig:
     out_dir: str = f("out/rl", "run directory: ckpt/, metrics.jsonl, reward_vs_time.png")
     seed: int = f(1337, "one seed: tasks, sampling (per (seed, group_id)), init")
     mode: str = f("async", "async (workers run ahead up to --max-staleness versions) or sync (η = 0)")
-    env: str = f("mix", "math, code, agent or mix (all three, interleaved)")
+    env: str = f("code", "code (the sandboxed judge; where the tiny model learns), math, agent or mix (all three)")
     # processes
     workers: int = f(2, "rollout worker processes")
     worker_threads: int = f(1, "torch threads per worker")
     trainer_threads: int = f(1, "torch threads of the trainer (the main process)")
     worker_groups: int = f(2, "groups a worker decodes together (continuous batching); 1 = bitwise reproducible")
+    env_threads: int = f(32, "judge / environment calls in flight per worker (a slow judge waits here, not the engine)")
     # GRPO batch
     group_size: int = f(8, "G: samples per prompt")
-    groups_per_step: int = f(4, "B: groups per optimizer step")
+    groups_per_step: int = f(16, "B: groups per optimizer step (RL's gradient is noisy: B·G samples average it)")
     max_steps: int = f(40, "optimizer steps")
     time_budget_s: float = f(0.0, "stop (and save) after this many seconds of training (0 = no limit)")
     max_new_tokens: int = f(48, "tokens per assistant turn")
@@ -88,7 +89,8 @@ class RLConfig:
     micro_batch_size: int = f(16, "sequences per forward/backward")
     # workload and environment
     n_train_tasks: int = f(2000, "training tasks per environment (cycled, reshuffled per epoch)")
-    n_eval_tasks: int = f(64, "held-out tasks per environment for the before/after evaluation (0 = none)")
+    n_eval_tasks: int = f(128, "held-out tasks per environment for the before/after evaluation (0 = none)")
+    eval_samples: int = f(8, "seeded draws per held-out task for the sampled pass@1 (0 = greedy only)")
     env_latency_s: float = f(0.0, "agent env: median tool-call latency in seconds (lognormal, p99/p50 = 10)")
     length_median: int = f(0, "benchmark workload: force each group to decode a lognormal length (0 = natural)")
     length_p99_over_p50: float = f(10.0, "skew of the forced lengths")
@@ -262,21 +264,28 @@ class Learner:
 
 # ---------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(model, tokenizer, tasks, settings, batch_groups: int = 16) -> dict:
-    """Greedy pass@1 over `tasks` (one sample each), in-process: {"acc": …, "acc/<env>": …, "n": …}."""
+def evaluate(model, tokenizer, tasks, settings, batch_groups: int = 16, samples: int = 0) -> dict:
+    """Held-out accuracy over `tasks`, in-process: greedy pass@1 {"acc", "acc/<env>", "n"}, and with
+    samples > 0 also the sampled pass@1 {"sampled", "sampled/<env>"}: the mean reward of `samples` draws
+    per task at the rollout temperature, each seeded by (seed, task index, draw) so before and after see
+    the same draws. Sampled pass@1 is what RL optimises (the policy's expected reward); greedy shows what
+    it does to the mode, which the SFT model may already have right."""
     from nanoglm5.rl.rollout import Rollout
 
-    s = replace(settings, group_size=1, worker_groups=batch_groups, env_latency_s=0.0)
-    ro = Rollout(model, tokenizer, s, greedy=True)
-    try:
-        groups = ro.run([(Lease(i, 0, math.inf, 0), t) for i, t in enumerate(tasks)])
-    finally:
-        ro.close()
-    rewards = [g.trajectories[0].reward for g in groups]
-    out = {"acc": float(np.mean(rewards)) if rewards else float("nan"), "n": len(rewards)}
-    for env in sorted({t.env for t in tasks}):
-        r = [rw for rw, t in zip(rewards, tasks) if t.env == env]
-        out[f"acc/{env}"] = float(np.mean(r))
+    def run(greedy: bool, g: int) -> list[float]:
+        s = replace(settings, group_size=g, worker_groups=batch_groups, env_latency_s=0.0)
+        ro = Rollout(model, tokenizer, s, greedy=greedy)
+        try:
+            groups = ro.run([(Lease(i, 0, math.inf, 0), t) for i, t in enumerate(tasks)])
+        finally:
+            ro.close()
+        return [float(np.mean([t.reward for t in grp.trajectories])) for grp in groups]
+
+    out = {"n": len(tasks)}
+    for key, rewards in [("acc", run(True, 1))] + ([("sampled", run(False, samples))] if samples > 0 else []):
+        out[key] = float(np.mean(rewards)) if rewards else float("nan")
+        for env in sorted({t.env for t in tasks}):
+            out[f"{key}/{env}"] = float(np.mean([r for r, t in zip(rewards, tasks) if t.env == env]))
     return out
 
 
