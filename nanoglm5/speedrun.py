@@ -1,6 +1,6 @@
 """The main job: the whole GLM-5 recipe at tiny scale, one command, with a report.
 
-    python -m nanoglm5.speedrun                       # tiny preset, CPU, ~20 minutes on 2 cores
+    python -m nanoglm5.speedrun                       # tiny preset, CPU, ~40 minutes on 2 cores
     python -m nanoglm5.speedrun --preset small --device cuda --out-dir out/small
     python -m nanoglm5.speedrun --quick               # a 2-minute smoke run of the same chain (CI)
 
@@ -40,7 +40,7 @@ class SpeedrunError(RuntimeError):
 
 @dataclass
 class Budget:
-    """Per-stage sizes. The default fits ~20 minutes of a 2-core CPU with the tiny preset."""
+    """Per-stage sizes. The default fits ~40 minutes of a 2-core CPU with the tiny preset."""
     data: list
     pretrain: list
     sft: list
