@@ -79,7 +79,7 @@ class Controller:
             cfg.validate()
         except ValueError as e:
             raise TrainError(str(e)) from None
-        self.quiet = quiet or not cfg.progress
+        self.quiet = quiet  # --no-progress hides the bar only; the log lines (eval before/after) stay
         if cfg.trainer_threads > 0:
             torch.set_num_threads(cfg.trainer_threads)
         seed_everything(cfg.seed)
@@ -416,7 +416,8 @@ class Controller:
         wb = self._wandb()
         self.start()
         deadline = time.time() + c.time_budget_s if c.time_budget_s > 0 else float("inf")
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl {c.mode}", disable=self.quiet, dynamic_ncols=True)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl {c.mode}", disable=self.quiet or not c.progress,
+                   dynamic_ncols=True)
         try:
             while self.step < c.max_steps:
                 rec = self.train_one(deadline)
