@@ -26,6 +26,7 @@ buffer's state_dict: completed-but-untrained groups and in-flight leases (re-iss
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -220,7 +221,7 @@ class Controller:
         # free their decode slot: rollout.Rollout.decoding; Little's law: a slow judge needs many in flight),
         # and one prefetched lease
         c = self.cfg
-        cap = max(1, c.worker_groups) + -(-c.env_threads // c.group_size) + 1
+        cap = max(1, c.worker_groups) + math.ceil(c.env_threads / c.group_size) + 1
         for w in self.workers.values():  # forget assignments whose lease expired or was re-issued
             w.assigned = {g: a for g, a in w.assigned.items()
                           if g in self.buffer.leases and self.buffer.leases[g].attempt == a}
