@@ -1,6 +1,8 @@
 """Serve a checkpoint over an OpenAI-compatible HTTP API (nanoglm5/server.py).
 
     python serve.py --checkpoint out/tiny/ckpt [--host 127.0.0.1 --port 8000 --max-batch 16]
+    python serve.py --checkpoint out/speedrun/sft/ckpt --speculative mtp          # MTP speculative decoding
+    python serve.py --checkpoint CKPT --device cuda --dtype bfloat16              # GPU (the default there)
 
 then point any OpenAI client at it:
 
@@ -11,51 +13,79 @@ then point any OpenAI client at it:
 The model name is the checkpoint directory's name unless --model-name says otherwise (GET /v1/models).
 """
 
-import argparse
-import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
 import uvicorn
 
+from nanoglm5.checkpoint import CheckpointError
+from nanoglm5.cli import config_field, parser_for, run_main
 from nanoglm5.server import create_app
 
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = ""  # a save_hf directory: config.json, model.safetensors, tokenizer.json
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16  # concurrent sequences in the decode batch (cache slots)
-    max_tokens_in_flight: int = 8192  # Σ (prompt + max_tokens) over running sequences
-    max_seq_len: int = 0  # context per sequence (prompt + completion); 0 = the model's max_position_embeddings
-    max_queue: int = 64  # requests waiting beyond max_batch before the server answers 429
-    default_max_tokens: int = 256  # chat requests that set no max_tokens
-    model_name: str = ""  # default: the checkpoint directory's name
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    checkpoint: str = config_field("", "a save_hf directory: config.json, model.safetensors, tokenizer.json (required)")
+    host: str = config_field("127.0.0.1", "address to listen on")
+    port: int = config_field(8000, "port to listen on")
+    max_batch: int = config_field(16, "concurrent sequences in the decode batch (cache slots)")
+    max_tokens_in_flight: int = config_field(8192, "Σ (prompt + max_tokens) over running sequences")
+    max_seq_len: int = config_field(0, "context per sequence (prompt + completion); 0 = the model's "
+                                       "max_position_embeddings")
+    max_queue: int = config_field(64, "requests waiting beyond max_batch before the server answers 429")
+    default_max_tokens: int = config_field(256, "max_tokens of chat requests that set none")
+    model_name: str = config_field("", "the served model's name; default: the checkpoint directory's name")
+    device: str = config_field("auto", "torch device of the model and the cache: auto (cuda if available), cpu, "
+                                       "cuda, cuda:1 …")
+    dtype: str = config_field("auto", "auto (bfloat16 on CUDA, else as the checkpoint stores it), float32, "
+                                      "bfloat16 or float16")
+    speculative: str = config_field("", "'mtp': speculative decoding with the model's MTP layer (lossless: same "
+                                        "output distribution, fewer forwards per token when drafts are accepted)")
+    num_draft: int = config_field(1, "with --speculative mtp: draft tokens per step (the MTP layer chained)")
+    threads: int = config_field(0, "torch CPU threads; 0 = torch's default")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def engine_options(cfg: ServeConfig) -> tuple[str, dict]:
+    """The device and the Engine arguments the flags ask for; a ValueError names a bad flag."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype!r}: use auto, {', '.join(DTYPES)}")
+    if cfg.speculative not in ("", "mtp"):
+        raise ValueError(f"--speculative {cfg.speculative!r}: use mtp (or leave it out)")
+    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device.startswith("cuda") else None)
+    return device, dict(dtype=dtype, speculative=cfg.speculative or None, num_draft=cfg.num_draft)
 
 
 def parse_args(argv=None) -> ServeConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(ServeConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        required=f.name == "checkpoint")
-    return ServeConfig(**vars(ap.parse_args(argv)))
+    p = parser_for(ServeConfig, __doc__)
+    cfg = ServeConfig(**vars(p.parse_args(argv)))
+    if not cfg.checkpoint:
+        p.error("the following arguments are required: --checkpoint")
+    return cfg
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def serve(cfg: ServeConfig) -> None:
     print(f"[serve] {cfg}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device, options = engine_options(cfg)
     app = create_app(cfg.checkpoint, max_batch=cfg.max_batch, max_tokens_in_flight=cfg.max_tokens_in_flight,
                      max_seq_len=cfg.max_seq_len or None, max_queue=cfg.max_queue, model_name=cfg.model_name or None,
-                     default_max_tokens=cfg.default_max_tokens, device=cfg.device)
+                     default_max_tokens=cfg.default_max_tokens, device=device, engine_options=options)
     print(f"[serve] model {app.state.model_name!r} on http://{cfg.host}:{cfg.port}/v1 "
-          f"(max_batch={cfg.max_batch}, max_seq_len={app.state.engine.max_seq_len})")
+          f"(device {device}, {app.state.engine.cache.kv.dtype}, max_batch={cfg.max_batch}, "
+          f"max_seq_len={app.state.engine.max_seq_len}, speculative={options['speculative']})")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
 
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    return run_main(lambda: serve(cfg), (CheckpointError, FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Train nanoGLM5: pretraining with DSA's two stages, then SFT (DESIGN.md §1, §3, §8).
+"""Train nanoGLM5: pretraining with DSA's two stages, then SFT (GLM-5, arXiv 2602.15763; docs/design.md).
 
     python data/prepare.py                                   # token shards + tokenizer into data/
     python train.py                                          # pretrain the tiny preset (~5 min, 2 cores)
@@ -6,9 +6,11 @@
     python train.py --resume                                 # continue out/pretrain/ckpt exactly
     python train.py --preset mini --index-topk 64 --optimizer muon
     torchrun --nproc_per_node 2 train.py --device cpu        # DDP (gloo on CPU, nccl on GPU); --fsdp for FSDP2
+    torchrun --nproc_per_node 2 train.py --device cpu --fsdp --resume auto   # FSDP2; resumes from its shards
 
-Every flag is a field of `nanoglm5.trainer.TrainConfig` (kebab-case), plus one flag per ModelConfig
-field to override the preset. The loop itself lives in nanoglm5/trainer.py.
+Every flag is a field of `nanoglm5.training.train_config.TrainConfig` (kebab-case), plus one flag per ModelConfig
+field to override the preset. The loop itself lives in nanoglm5/training/loop.py; several nodes, FSDP
+checkpoints and the road to 744B: docs/scaling.md.
 """
 
 import argparse
@@ -16,37 +18,26 @@ import sys
 from dataclasses import fields
 
 from nanoglm5.checkpoint import CheckpointError
+from nanoglm5.cli import base_type, parse_bool, parser_for, run_main
 from nanoglm5.config import ModelConfig
-from nanoglm5.train_utils import TrainError, add_config_flags, base_type
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+from nanoglm5.training.dist import teardown_distributed
+from nanoglm5.training.loop import Trainer
+from nanoglm5.training.train_config import STAGE_DEFAULTS, TrainConfig, TrainError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanoglm5.trainer import STAGE_DEFAULTS, TrainConfig
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, TrainConfig, skip=("model",), stage_defaults=STAGE_DEFAULTS)
+    p = parser_for(TrainConfig, __doc__, skip=("model",), stage_defaults=STAGE_DEFAULTS)
     g = p.add_argument_group("model overrides (ModelConfig fields; default: the preset's value)")
     for f in fields(ModelConfig):
         t = base_type(f.type)
         if t not in (int, float, bool, str):
             continue
         g.add_argument("--" + f.name.replace("_", "-"), dest="model." + f.name, default=None,
-                       type=_parse_bool if t is bool else t, metavar=t.__name__.upper())
+                       type=parse_bool if t is bool else t, metavar=t.__name__.upper())
     return p
 
 
-def parse_config(argv=None):
-    from nanoglm5.trainer import TrainConfig
-
+def parse_config(argv=None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     model = {k[len("model."):]: v for k, v in args.items() if k.startswith("model.") and v is not None}
     return TrainConfig(**{k: v for k, v in args.items() if not k.startswith("model.")}, model=model)
@@ -55,22 +46,10 @@ def parse_config(argv=None):
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
-        from nanoglm5.trainer import Trainer
-
-        Trainer(cfg).run()
-    except (TrainError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the latest checkpoint (if any) is in {cfg.out_dir or 'out/' + cfg.stage}/ckpt "
-              "— continue with --resume", file=sys.stderr)
-        return 130
+        return run_main(lambda: Trainer(cfg).run(), (TrainError, CheckpointError),
+                        f"{cfg.out_dir or 'out/' + cfg.stage}/ckpt")
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        teardown_distributed()
 
 
 if __name__ == "__main__":

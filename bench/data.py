@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from bench.report import machine, write_section
-from nanoglm5 import corpus, filters
+from nanoglm5.data import corpus, filters
 
 
 def timed(fn):

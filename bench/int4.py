@@ -1,20 +1,26 @@
 """INT4 benchmark (section "int4" of docs/benchmarks.md): full precision vs PTQ int4 vs QAT int4 at two group
-sizes, on the same held-out eval, plus weight bytes and decode speed. GLM-5 §2.4.3; research/int4_serve_data.md §A5.
+sizes, on the same held-out eval, plus weight bytes and decode speed. GLM-5 (arXiv 2602.15763) §2.4.3.
 
 One run, side by side: a tiny model (the `tiny` preset with byte-level tokens, vocab 256) is pre-trained
-on generated math (corpus.math_problems), then given the same SFT budget three times from the same start:
+on generated math (data.tasks.math_problems), then given the same SFT budget three times from the same start:
 plain (→ full precision, and PTQ of it) and with QAT at g=32 and g=128 (→ converted, packed). Eval: loss on
-the answers of held-out problems, and greedy-decoding accuracy checked by corpus.check_math_answer (the RL
+the answers of held-out problems, and greedy-decoding accuracy checked by data.tasks.check_math_answer (the RL
 math task's verifier). Layers: all_but_head; scales stored in bf16.
+Noise: every loss gap to full precision is reported with its standard error over the held-out problems (the
+gap is paired: the same problems for both models), and with --seeds N > 1 also with its spread over N whole
+runs (training seeds). "QAT recovers X% of the PTQ gap" is stated only where the PTQ gap exceeds 3 times its
+noise: a ratio whose denominator is noise means nothing (a PTQ gap within noise once printed "QAT recovers
+1024% of the PTQ gap").
 Simplified: a minimal SFT loop lives here (model.forward + AdamW, loss on the solution bytes), not
 `train.py --stage sft --qat int4`, so the bench runs on its own; decoding recomputes the whole prefix each
 token (no KV cache), the same for both models, so the speed ratio isolates the cost of dequantizing.
 
-    python -m bench.int4 [--base-steps 300 --sft-steps 150 --quick]
+    python -m bench.int4 [--base-steps 300 --sft-steps 150 --seeds 1 --quick]
 """
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -23,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 from bench.report import machine, write_section
-from nanoglm5 import quant as Q
+from nanoglm5 import int4, quant
 from nanoglm5.config import ModelConfig
-from nanoglm5.corpus import check_math_answer, math_problems
+from nanoglm5.data.tasks import check_math_answer, math_problems
 from nanoglm5.model import GLM5
 
 PAD = 0  # byte 0 never appears in the text: padding and end of answer
@@ -45,6 +51,7 @@ class BenchConfig:
     n_acc: int = 32  # held-out problems for greedy-decoding accuracy
     max_new: int = 72
     seed: int = 0
+    seeds: int = 1  # whole runs with seeds seed, seed+1, ...: the spread of the gaps over training seeds
     quick: bool = False
 
 
@@ -92,17 +99,30 @@ def train(model: GLM5, problems: list[dict], steps: int, lr: float, batch_size: 
 
 
 @torch.no_grad()
-def val_loss(model: GLM5, problems: list[dict], bs: int = 32) -> float:
-    """Mean loss per answer byte on held-out problems."""
+def val_losses(model: GLM5, problems: list[dict], bs: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per held-out problem: the summed loss over its answer bytes, and the number of answer bytes."""
     model.eval()
-    tot, n = 0.0, 0
+    sums, counts = [], []
     for i in range(0, len(problems), bs):
         x, y = batch(problems[i : i + bs], answers_only=True)
-        logits = model(x).logits
-        tot += torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-1,
-                                                 reduction="sum").item()
-        n += int((y >= 0).sum())
-    return tot / n
+        logits = model(x).logits.double()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")
+        sums.append(ce.sum(1))
+        counts.append((y >= 0).sum(1).double())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def val_loss(model: GLM5, problems: list[dict], bs: int = 32) -> float:
+    """Mean loss per answer byte on held-out problems."""
+    s, n = val_losses(model, problems, bs)
+    return (s.sum() / n.sum()).item()
+
+
+def paired_gap(sums_a: torch.Tensor, sums_b: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """Loss per answer byte of a minus b on the same problems, and its standard error over the problems
+    (the gap is sum_i d_i / sum_i n_i with d_i the per-problem difference: se = std(d) * sqrt(P) / sum n)."""
+    d = sums_a - sums_b
+    return (d.sum() / counts.sum()).item(), (d.std() * len(d) ** 0.5 / counts.sum()).item()
 
 
 @torch.no_grad()
@@ -121,7 +141,7 @@ def generate(model: GLM5, prompts: list[list[int]], max_new: int) -> tuple[list[
     outs = [bytearray() for _ in range(B)]
     steps = 0
     for _ in range(max_new):
-        nxt = model(x, positions=pos, last_logits_only=True).logits[:, -1].argmax(-1)
+        nxt = model(x, positions=pos, logits_at=torch.full((B,), x.shape[1] - 1)).logits.argmax(-1)
         x, pos = torch.cat([x, nxt[:, None]], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
         steps += 1
         for i, t in enumerate(nxt.tolist()):
@@ -145,7 +165,7 @@ def decode_speed(model: GLM5, prompt: list[int], n: int = 16, repeats: int = 2) 
         with torch.no_grad():
             x = torch.tensor([prompt])
             for _ in range(n):
-                nxt = model(x, last_logits_only=True).logits[:, -1].argmax(-1)
+                nxt = model(x, logits_at=torch.tensor([x.shape[1] - 1])).logits.argmax(-1)
                 x = torch.cat([x, nxt[:, None]], 1)
         best = max(best, n / (time.perf_counter() - t))
     return best
@@ -165,22 +185,23 @@ def run(bc: BenchConfig) -> dict:
     res = {"curves": {}, "rows": {}}
 
     def evaluate(name, model):
-        res["rows"][name] = {"loss": val_loss(model, val), "acc": accuracy(model, acc_set, bc.max_new),
-                             **Q.weight_bytes(model)}
+        sums, counts = val_losses(model, val)
+        res["rows"][name] = {"loss": (sums.sum() / counts.sum()).item(), "sums": sums, "counts": counts,
+                             "acc": accuracy(model, acc_set, bc.max_new), **quant.weight_bytes(model)}
         print(f"  {name:>14}: val loss {res['rows'][name]['loss']:.4f}, accuracy {res['rows'][name]['acc']:.1%}")
 
     fp = copy.deepcopy(base)
     res["curves"]["full precision"] = train(fp, train_set, bc.sft_steps, bc.lr_sft, bc.batch_size, True, bc.seed + 1, "sft")
     evaluate("full precision", fp)
     for g in bc.group_sizes:
-        evaluate(f"PTQ g={g}", Q.ptq(copy.deepcopy(fp), bc.layers, g, bc.scale_dtype))
-        qat = Q.prepare_qat(copy.deepcopy(base), bc.layers, g, bc.scale_dtype)
+        evaluate(f"PTQ g={g}", quant.ptq(copy.deepcopy(fp), bc.layers, g, bc.scale_dtype))
+        qat = int4.prepare_qat(copy.deepcopy(base), bc.layers, g, bc.scale_dtype)
         res["curves"][f"QAT g={g}"] = train(qat, train_set, bc.sft_steps, bc.lr_sft, bc.batch_size, True, bc.seed + 1,
                                             f"sft qat g={g}")
-        evaluate(f"QAT g={g}", Q.convert_qat(qat))
+        evaluate(f"QAT g={g}", quant.convert_qat(qat))
         res[f"packed{g}"] = qat
     # bytes of the same layers with fp32 scales, for reference
-    res["fp32_scales"] = Q.weight_bytes(Q.ptq(copy.deepcopy(fp), bc.layers, bc.group_sizes[-1], "float32"))
+    res["fp32_scales"] = quant.weight_bytes(quant.ptq(copy.deepcopy(fp), bc.layers, bc.group_sizes[-1], "float32"))
     prompt = encode(acc_set[0])[0][: encode(acc_set[0])[1]]
     g = bc.group_sizes[-1]
     res["speed"] = {"full precision": decode_speed(fp, prompt), f"int4 g={g}": decode_speed(res[f"packed{g}"], prompt)}
@@ -188,46 +209,123 @@ def run(bc: BenchConfig) -> dict:
     return res
 
 
-def report(bc: BenchConfig, res: dict) -> str:
+def gap_stats(bc: BenchConfig, results: list[dict]) -> dict:
+    """Per group size: the PTQ and QAT loss gaps to full precision and QAT - PTQ, each as (mean over seeds,
+    noise), noise = the paired standard error over held-out problems (one seed) or the standard error of the
+    mean over seeds (several: it holds the training noise and the eval sampling noise); and the recovery
+    (PTQ gap - QAT gap) / PTQ gap with its propagated error, or None where the PTQ gap is not > 3 noise."""
+    out = {}
+    for g in bc.group_sizes:
+        per_seed = {"ptq": [], "qat": [], "qat_minus_ptq": []}
+        for res in results:
+            rows = res["rows"]
+            fp, ptq, qat = rows["full precision"], rows[f"PTQ g={g}"], rows[f"QAT g={g}"]
+            per_seed["ptq"].append(paired_gap(ptq["sums"], fp["sums"], fp["counts"]))
+            per_seed["qat"].append(paired_gap(qat["sums"], fp["sums"], fp["counts"]))
+            per_seed["qat_minus_ptq"].append(paired_gap(qat["sums"], ptq["sums"], fp["counts"]))
+        st = {}
+        for k, v in per_seed.items():
+            gaps = torch.tensor([gp for gp, _ in v], dtype=torch.float64)
+            eval_se = (torch.tensor([se for _, se in v], dtype=torch.float64).pow(2).mean() / len(v)).sqrt().item()
+            seed_se = (gaps.std() / len(v) ** 0.5).item() if len(v) > 1 else None
+            st[k] = {"gap": gaps.mean().item(), "eval_se": eval_se, "seed_se": seed_se,
+                     "noise": seed_se if seed_se is not None else eval_se, "per_seed": gaps.tolist()}
+        ptq, diff = st["ptq"], st["qat_minus_ptq"]
+        st["significant"] = ptq["gap"] > 3 * ptq["noise"]
+        if st["significant"]:
+            r = -diff["gap"] / ptq["gap"]
+            r_se = ((diff["noise"] / ptq["gap"]) ** 2 + (diff["gap"] * ptq["noise"] / ptq["gap"] ** 2) ** 2) ** 0.5
+            st["recovery"] = (r, r_se)
+        else:
+            st["recovery"] = None
+        out[g] = st
+    return out
+
+
+def _pm(st: dict) -> str:
+    return f"{st['gap']:+.4f} ± {st['noise']:.4f}"
+
+
+def report(bc: BenchConfig, results: list[dict]) -> tuple[str, str]:
+    res = results[0]
     rows, fp = res["rows"], res["rows"]["full precision"]
     n_all = fp["n_weights"]
-    lines = [f"`python -m bench.int4` — {machine()}, {res['seconds']:.0f} s.",
+    secs = sum(r["seconds"] for r in results)
+    seeds = f"seeds {bc.seed}–{bc.seed + len(results) - 1}" if len(results) > 1 else f"seed {bc.seed}"
+    lines = ["`python -m bench.int4" + (f" --seeds {len(results)}" if len(results) > 1 else "") + f"` — {machine()}, "
+             f"{secs:.0f} s.",
              "",
              f"Tiny preset, byte tokens (vocab 256), {n_all:,} weights; {bc.base_steps} pre-training steps, then "
              f"{bc.sft_steps} SFT steps (batch {bc.batch_size}) per variant from the same start. Quantized: "
-             f"`{bc.layers}` ({Q.LAYERS[bc.layers]}), symmetric int4, scales {bc.scale_dtype}. Eval: loss per answer "
-             f"byte on {bc.n_val} held-out problems; greedy accuracy on {bc.n_acc} more (check_math_answer).",
+             f"`{bc.layers}` ({int4.LAYERS[bc.layers]}), symmetric int4, scales {bc.scale_dtype}. Eval: loss per answer "
+             f"byte on {bc.n_val} held-out problems; greedy accuracy on {bc.n_acc} more (check_math_answer). "
+             f"The table is {'the first of ' + str(len(results)) + ' runs (' + seeds + ')' if len(results) > 1 else seeds}; "
+             "± is the standard error of the gap over the held-out problems (paired: the same problems for both).",
              "",
-             "| variant | val loss | gap to fp | accuracy | int4-layer bytes / bf16 | model bytes / bf16 (rest in bf16) | model bytes / fp32 |",
+             "| variant | val loss | gap to fp (± SE) | accuracy | int4-layer bytes / bf16 | model bytes / bf16 (rest in bf16) | model bytes / fp32 |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         q_ratio = r["int4_bytes"] / (2 * r["int4_weights"]) if r["int4_weights"] else 1.0
         model_bf16 = (r["int4_bytes"] + 2 * r["other_params"]) / (2 * n_all)
         model_fp32 = (r["int4_bytes"] + 4 * r["other_params"]) / (4 * n_all)
-        lines.append(f"| {name} | {r['loss']:.4f} | {r['loss'] - fp['loss']:+.4f} | {r['acc']:.1%} | {q_ratio:.3f} | "
+        if r is fp:
+            gap = "—"
+        else:
+            gp, se = paired_gap(r["sums"], fp["sums"], fp["counts"])
+            gap = f"{gp:+.4f} ± {se:.4f}"
+        lines.append(f"| {name} | {r['loss']:.4f} | {gap} | {r['acc']:.1%} | {q_ratio:.3f} | "
                      f"{model_bf16:.3f} | {model_fp32:.3f} |")
     f32 = res["fp32_scales"]
     g_hi = bc.group_sizes[-1]
     lines += ["", f"With fp32 scales instead, g={g_hi}: int4-layer bytes / bf16 = {f32['int4_bytes'] / (2 * f32['int4_weights']):.3f} "
               "(the tiny model's 64- and 32-wide inputs get one scale per row at g=128, which is why the ratio sits above "
               "the 4.25/16 = 0.266 of a model whose input dims are multiples of 128)."]
-    recov = {}
-    for g in bc.group_sizes:
-        gap_ptq = rows[f"PTQ g={g}"]["loss"] - fp["loss"]
-        gap_qat = rows[f"QAT g={g}"]["loss"] - fp["loss"]
-        recov[g] = (gap_ptq - gap_qat) / gap_ptq if gap_ptq > 0 else float("nan")
+    stats = gap_stats(bc, results)
+    noise_kind = (f"standard error of the mean over {len(results)} seeds" if len(results) > 1 else
+                  f"standard error over the {bc.n_val} held-out problems; training-seed noise not included (--seeds N)")
+
+    def recovery_text(st):
+        r, r_se = st["recovery"]
+        if r > 1:  # QAT ended below full precision: it recovers the whole gap, and the excess is not quantization
+            return f"all (≥ 100%: QAT ends {-st['qat']['gap']:.4f} below full precision)"
+        return f"{r:.0%} ± {r_se:.0%}"
+
+    def recovery_cell(st):
+        if st["recovery"] is None:
+            return f"not stated: PTQ gap {_pm(st['ptq'])} is within 3 SE of zero"
+        return recovery_text(st)
+
+    def qat_note(st):
+        q = st["qat"]
+        return " (QAT ends below full precision)" if q["gap"] < -2 * q["noise"] else ""
+
+    lines += ["", f"Loss gaps to full precision, nats per answer byte; ± = {noise_kind}.", "",
+              "| | " + " | ".join(f"g={g}" for g in bc.group_sizes) + " |", "|---|" + "---|" * len(bc.group_sizes),
+              "| PTQ gap to full precision | " + " | ".join(_pm(stats[g]["ptq"]) for g in bc.group_sizes) + " |",
+              "| QAT gap to full precision | " + " | ".join(_pm(stats[g]["qat"]) + qat_note(stats[g])
+                                                            for g in bc.group_sizes) + " |",
+              "| QAT − PTQ (paired) | " + " | ".join(_pm(stats[g]["qat_minus_ptq"]) for g in bc.group_sizes) + " |",
+              "| QAT recovers of the PTQ loss gap (target ≥ 70%; stated only where the PTQ gap > 3 SE) | "
+              + " | ".join(recovery_cell(stats[g]) for g in bc.group_sizes) + " |"]
     sp = res["speed"]
     (a, va), (b, vb) = sp.items()
-    lines += ["", "| | " + " | ".join(f"g={g}" for g in bc.group_sizes) + " |", "|---|" + "---|" * len(bc.group_sizes),
-              "| QAT recovers of the PTQ loss gap (target ≥ 70%) | " + " | ".join(f"{recov[g]:.0%}" for g in bc.group_sizes) + " |",
-              "", f"Decode (batch 1, no KV cache, 16 tokens): {a} {va:.1f} tok/s, packed {b} {vb:.1f} tok/s "
+    lines += ["", f"Decode (batch 1, no KV cache, 16 tokens): {a} {va:.1f} tok/s, packed {b} {vb:.1f} tok/s "
               f"({vb / va:.2f}×): the packed model unpacks and dequantizes every weight at every step; it saves memory, "
               "not time, without a fused int4 kernel."]
     ratio_hi = rows[f"QAT g={g_hi}"]["int4_bytes"] / (2 * rows[f"QAT g={g_hi}"]["int4_weights"])
+    parts = []
+    for g in bc.group_sizes:
+        st = stats[g]
+        if st["recovery"] is None:
+            parts.append(f"at g={g} the PTQ gap ({_pm(st['ptq'])}) is within noise, so no recovery ratio is measurable")
+        else:
+            parts.append(f"QAT recovers {recovery_text(st)} of the PTQ loss gap ({_pm(st['ptq'])}) at g={g}")
+    judged = [stats[g]["recovery"][0] >= 0.7 for g in bc.group_sizes if stats[g]["recovery"] is not None]
+    verdict = ("cannot be judged: no PTQ gap above noise" if not judged else
+               "met" if all(judged) and len(judged) == len(bc.group_sizes) else
+               "not met" if not all(judged) else "met where measurable")
     summary = (f"int4 summary: g={g_hi} weights {ratio_hi:.3f}× bf16 (target ≤ 0.27: {'met' if ratio_hi <= 0.27 else 'not met'}); "
-               + ", ".join(f"QAT recovers {recov[g]:.0%} of the PTQ loss gap at g={g}" for g in bc.group_sizes)
-               + f" (target ≥ 70%: {'met' if all(r >= 0.7 for r in recov.values()) else 'not met'}); "
-               f"packed decode {vb / va:.2f}× full precision")
+               + "; ".join(parts) + f" (target ≥ 70%: {verdict}); packed decode {vb / va:.2f}× full precision")
     lines += ["", summary]
     return "\n".join(lines), summary
 
@@ -235,16 +333,16 @@ def report(bc: BenchConfig, res: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = BenchConfig()
-    for f in ("base_steps", "sft_steps", "batch_size", "n_val", "n_acc", "seed"):
+    for f in ("base_steps", "sft_steps", "batch_size", "n_val", "n_acc", "seed", "seeds"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
-    p.add_argument("--layers", default=d.layers, choices=sorted(Q.LAYERS))
+    p.add_argument("--layers", default=d.layers, choices=sorted(int4.LAYERS))
     p.add_argument("--quick", action="store_true", help="a smoke run (few steps); does not write the section")
     a = p.parse_args()
     bc = BenchConfig(**{k: v for k, v in vars(a).items()})
     if bc.quick:
         bc.base_steps, bc.sft_steps, bc.n_val, bc.n_acc, bc.max_new = 4, 3, 8, 4, 8
-    res = run(bc)
-    md, summary = report(bc, res)
+    results = [run(dataclasses.replace(bc, seed=bc.seed + i)) for i in range(max(bc.seeds, 1))]
+    md, summary = report(bc, results)
     print(md)
     if not bc.quick:
         write_section("int4", "## INT4: full precision vs PTQ vs QAT\n\n" + md)

@@ -22,7 +22,8 @@ import torch
 
 from bench.report import machine, write_section  # noqa: E402
 from nanoglm5.config import ModelConfig  # noqa: E402
-from nanoglm5.trainer import TrainConfig, Trainer  # noqa: E402
+from nanoglm5.training.loop import Trainer  # noqa: E402
+from nanoglm5.training.train_config import TrainConfig  # noqa: E402
 
 
 def matmul_flops(n: int = 1024, reps: int = 10) -> float:

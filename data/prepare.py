@@ -1,5 +1,6 @@
 """Build the pre-training data in one command, offline: corpus → filters → mixture → tokenizer →
-token shards → stats.json + report.md (DESIGN.md §1, §4; GLM-5's knowledge / code / math pipelines).
+token shards → stats.json + report.md (GLM-5 arXiv 2602.15763: the knowledge / code / math pre-training
+data pipelines, at toy scale; the pieces live in nanoglm5/data/).
 
     python data/prepare.py                          # embedded default corpus into data/
     python data/prepare.py --out-dir /tmp/d --budget-mb 1 --max-docs 300   # a small, fast build
@@ -17,10 +18,17 @@ embedded reference set is built for training and not mixed in.
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from tqdm import tqdm
+
+from nanoglm5.data import corpus, filters, shards
+from nanoglm5.data.tasks import math_problems
+from nanoglm5.data.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -58,9 +66,8 @@ class Timer:
 
 # ---------------------------------------------------------------------------------------------------
 
-def load_sources(args, corpus, rejects, cache_dir):
+def load_sources(args, rejects, cache_dir):
     """Documents of every --source, and whether the embedded corpus is part of them."""
-    from tqdm import tqdm
     docs, have_embedded = [], False
     budget = int(args.budget_mb * 1e6)
     for src in args.source or ["embedded"]:
@@ -77,7 +84,7 @@ def load_sources(args, corpus, rejects, cache_dir):
         elif kind in ("jsonl", "text") or (not arg and Path(src).suffix in (".jsonl", ".txt")):
             path = arg if kind in ("jsonl", "text") else src
             try:
-                got = list(tqdm(corpus._take(corpus.read_jsonl(path, rejects, max_chars=args.max_doc_chars,
+                got = list(tqdm(corpus.take(corpus.read_jsonl(path, rejects, max_chars=args.max_doc_chars,
                                 seed=args.seed, val_frac=args.val_frac), args.max_docs), desc=f"reading {path}"))
             except FileNotFoundError as e:
                 rejects.add("missing_source", f"{src}: {e}")
@@ -100,7 +107,7 @@ def labelled(ds, domain, label_col, split):
     return sub["text"], sub[label_col]
 
 
-def train_filters(ds_ref, args, corpus, filters):
+def train_filters(ds_ref, args):
     """Fit the three classifiers on the train split of labelled documents, measure on the val split."""
     metrics = {}
     x, y = labelled(ds_ref, "text", "quality", "train")
@@ -120,7 +127,7 @@ def train_filters(ds_ref, args, corpus, filters):
     return qclf, lclf, judge, metrics
 
 
-def unseen_metrics(qclf, lclf, judge, filters, corpus, args):
+def unseen_metrics(qclf, lclf, judge, args):
     """Scores on hand-written documents in data/fixtures that no source generates (topics, styles, snippets)."""
     out = {}
     q, c = FIXTURES / "unseen_quality.jsonl", FIXTURES / "unseen_code.jsonl"
@@ -131,40 +138,12 @@ def unseen_metrics(qclf, lclf, judge, filters, corpus, args):
     if c.exists():
         rows = [json.loads(ln) for ln in c.read_text().splitlines() if ln.strip()]
         out["language"] = filters.language_metrics([r["lang"] for r in rows], lclf.predict([r["text"] for r in rows])[0])
-    probs = corpus.math_problems(200, args.seed + 12345)
-    import random
+    probs = math_problems(200, args.seed + 12345)
     r = random.Random(args.seed)
     texts = [f"Problem: {p['question']}\nSolution:\n{p['solution']}" for p in probs[:100]] + \
             [f"Problem: {p['question']}\nSolution:\n{corpus.corrupt_solution(p, r)}" for p in probs[100:]]
     out["math_judge_fresh_problems"] = filters.binary_metrics([1] * 100 + [0] * 100, judge.score(texts))
     return out
-
-
-def write_shards(ds, tok, out, seed, num_proc):
-    """Encode each split, documents each followed by <|endoftext|>, into one flat array per split."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from nanoglm5.corpus import token_dtype
-    dtype = token_dtype(tok.vocab_size)
-    (out / "tokens").mkdir(parents=True, exist_ok=True)
-    counts, per_domain = {}, Counter()
-    for split in ("train", "val"):
-        sub = ds.filter(lambda d, split=split: d["split"] == split)
-        arr, texts, domains = [], sub["text"], sub["domain"]
-        for i in tqdm(range(0, len(texts), 512), desc=f"encoding {split}"):
-            for ids, dom in zip(tok.encode_batch(texts[i:i + 512]), domains[i:i + 512]):
-                arr.append(np.asarray(ids + [tok.eos_id], dtype=dtype))
-                per_domain[(split, dom)] += len(ids) + 1
-        flat = np.concatenate(arr) if arr else np.zeros(0, dtype)
-        flat.tofile(out / "tokens" / f"{split}.bin")
-        counts[split] = int(flat.size)
-    meta = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "n_train_tokens": counts["train"],
-            "n_val_tokens": counts["val"], "seed": seed, "eos_id": tok.eos_id, "tokenizer": "tokenizer.json",
-            "layout": "flat token ids; each document followed by <|endoftext|>"}
-    (out / "tokens" / "meta.json").write_text(json.dumps(meta, indent=1))
-    tokens_by_domain = {f"{s}/{d}": n for (s, d), n in sorted(per_domain.items())}
-    return meta, tokens_by_domain
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,12 +245,10 @@ def main(argv=None):
     timer = Timer()
     import datasets
 
-    from nanoglm5 import corpus, filters
-    from nanoglm5.tokenizer import Tokenizer
     datasets.disable_caching()  # every run recomputes: outputs depend on the seed only, not on stale caches
 
     rejects = corpus.Rejects()
-    docs, have_embedded = load_sources(args, corpus, rejects, str(cache))
+    docs, have_embedded = load_sources(args, rejects, str(cache))
     if not docs:
         sys.exit("error: no documents from any --source (see the messages above); "
                  "the offline default is `python data/prepare.py`")
@@ -292,7 +269,7 @@ def main(argv=None):
 
     ref = ds2 if have_embedded else datasets.Dataset.from_list(
         corpus.embedded_corpus(3_000_000, args.seed, corpus.Rejects(), dup_frac=0.0, val_frac=args.val_frac))
-    qclf, lclf, judge, metrics = train_filters(ref, args, corpus, filters)
+    qclf, lclf, judge, metrics = train_filters(ref, args)
     metrics["dedup"] = dedup
     timer("train filters")
 
@@ -317,7 +294,7 @@ def main(argv=None):
     tok = Tokenizer.train(train_texts, args.vocab_size)
     tok.save(out / "tokenizer.json")
     timer("tokenizer")
-    meta, tokens_by_split_domain = write_shards(mixture, tok, out, args.seed, args.num_proc)
+    meta, tokens_by_split_domain = shards.write_shards(mixture, tok, out, args.seed)
     timer("shards")
 
     by_domain = {}
@@ -334,7 +311,7 @@ def main(argv=None):
     stats = {"seed": args.seed, "args": {k: v for k, v in vars(args).items() if k not in ("out_dir", "num_proc")},
              "n_docs_in": len(ds), "sources": src_stats, "rejected": rejects.summary(),
              "filters": [{k: v for k, v in r.items() if k != "docs_per_s"} for r in reports],
-             "metrics": metrics, "unseen": unseen_metrics(qclf, lclf, judge, filters, corpus, args),
+             "metrics": metrics, "unseen": unseen_metrics(qclf, lclf, judge, args),
              "mixture": mix_stats, "tokens": meta, "tokens_by_split_domain": tokens_by_split_domain,
              "tokenizer": {"vocab_size": tok.vocab_size, "special": tok.special,
                            "chars_per_token": round(sum(b["chars"] for b in by_domain.values())

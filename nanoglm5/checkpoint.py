@@ -1,4 +1,4 @@
-"""Checkpoints: one format for every stage (DESIGN.md §1), and it is the HF one.
+"""Checkpoints: one format for every stage, and it is the HF one.
 
 A checkpoint is a directory: config.json (HF `GlmMoeDsaConfig` keys), model.safetensors (or shards
 + model.safetensors.index.json), tokenizer.json, and for resumable stages trainer_state.pt.
@@ -8,6 +8,11 @@ checkpoint has them (`model.layers.L.mlp.experts.E.gate_proj.weight`), so
 reads what `save_pretrained` writes. The MTP layer is stored as layer `num_hidden_layers`
 (`model.layers.78.*` for GLM-5: eh_proj, enorm, hnorm, shared_head.norm + a decoder layer), which
 transformers ignores.
+
+An int4 checkpoint is the same directory with packed tensors: config.json carries a `quantization_config`
+(int4.py's QuantConfig), and each quantized weight is stored as `<name>_packed` (uint8, two values a byte) +
+`<name>_scale`; `save_int4` writes it, `load_hf` sees the quantization_config and builds the packed model
+(`load_int4`).
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place,
 so a crash mid-write never leaves a broken checkpoint under the final name.
@@ -25,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanoglm5.config import ModelConfig
-from nanoglm5.model import GLM5, MTPLayer
+from nanoglm5.int4 import Int4Experts, Int4Linear, QuantConfig, quant_targets, set_module
+from nanoglm5.model import GLM5, Experts, MTPLayer
 
 
 class CheckpointError(RuntimeError):
@@ -232,10 +238,8 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GLM5:
     """Build a GLM5 from a checkpoint directory (ours, or transformers' save_pretrained of GlmMoeDsaForCausalLM)."""
     cfg = read_config(path)
-    if cfg.quantization_config is not None:
-        from nanoglm5 import quant  # int4 checkpoints hold packed weights (quant.py)
-
-        return quant.load_int4(path, device=device)
+    if cfg.quantization_config is not None:  # int4 checkpoints hold packed weights
+        return load_int4(path, device=device)
     sd = from_hf_state_dict(load_state(path), cfg)
     with torch.device("meta"):
         model = GLM5(cfg)
@@ -269,3 +273,56 @@ def load_into(model: GLM5, sd: dict[str, torch.Tensor], path="checkpoint") -> No
                           assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+# ---------------------------------------------------------------------------------------------- int4
+def save_int4(model: GLM5, path: str | Path, tokenizer_src: str | Path | None = None) -> Path:
+    """Write a packed model as a checkpoint directory (config.json with quantization_config, packed
+    tensors + scales in safetensors, tokenizer.json copied from tokenizer_src). Names follow
+    to_hf_state_dict: `model.layers.L.self_attn.q_a_proj.weight_packed` / `.weight_scale`,
+    stacked experts as `model.layers.L.mlp.experts.gate_up_proj_packed` / `_scale` (E, 2I, ·),
+    and a quantized head as `model.lm_head.weight_packed`."""
+    if model.config.quantization_config is None:
+        raise ValueError("save_int4 needs a packed model: run quant.ptq(model) or quant.convert_qat(model) first")
+    extra = {}
+    if tokenizer_src is not None and Path(tokenizer_src).exists():
+        extra["tokenizer.json"] = lambda p: shutil.copyfile(tokenizer_src, p)
+    return save_hf(model, path, extra_files=extra)
+
+
+def load_int4(path: str | Path, device: str | torch.device = "cpu") -> GLM5:
+    """Build the packed model an int4 checkpoint describes (load_hf dispatches here)."""
+    cfg = read_config(path)
+    if cfg.quantization_config is None:
+        raise CheckpointError(f"{path} is not an int4 checkpoint (no quantization_config in config.json); "
+                              "use checkpoint.load_hf")
+    try:
+        qc = QuantConfig.from_hf(cfg.quantization_config, f"{path}/config.json quantization_config")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    with torch.device("meta"):
+        model = GLM5(cfg)
+    for name, m in quant_targets(model, qc.layers):  # empty packed modules with the shapes the recipe implies
+        if isinstance(m, Experts):
+            E, twoI, H = m.gate_up_proj.shape
+            new = Int4Experts(E, H, twoI // 2, qc.group_size, qc.scale_dtype, device="meta")
+        else:
+            new = Int4Linear(m.in_features, m.out_features, qc.group_size, m.bias is not None, qc.scale_dtype, device="meta")
+        set_module(model, name, new)
+    sd = from_hf_state_dict(load_state(path), cfg)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(
+            f"{path}: the tensors do not match quantization_config (layers={qc.layers!r}, group_size={qc.group_size}, "
+            f"scale_dtype={qc.scale_dtype!r}): missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"shape (name, file, expected) {bad[:3]}; the config was edited or the files come from another "
+            "conversion: re-run `python -m nanoglm5.quant convert`")
+    model.load_state_dict(sd, assign=True)
+    if cfg.tie_word_embeddings and not isinstance(model.lm_head, Int4Linear):
+        model.lm_head.weight = model.embed_tokens.weight
+    for m in model.modules():
+        if isinstance(m, Int4Experts):  # non-persistent, so still on meta
+            m.compute_dtype = torch.empty(0, dtype=model.embed_tokens.weight.dtype)
+    return model.to(device).eval()

@@ -1,15 +1,16 @@
 """ModelConfig: every GLM-5 architecture knob, named as the HF `GlmMoeDsaConfig` keys.
 
-Holds: the presets table (tiny → glm5_744b, DESIGN.md §3), validation with errors that name the
-field and the fix, round-trip to and from an HF `config.json` dict, and exact parameter counting
-(research/arch.md §2), which `scale.py` and the meta-device test check against `numel`.
+Holds: the presets table (tiny → glm5_744b), validation with errors that name the field and the fix,
+round-trip to and from an HF `config.json` dict, and exact parameter counting (the formulas of MLA,
+DeepSeek-V2 §2.1; the DSA indexer, DeepSeek-V3.2 §2.1; MoE and MTP, DeepSeek-V3 §2.1-2.2), which
+`scale.py` and the meta-device test check against `numel`.
 """
 
 import dataclasses
 from dataclasses import dataclass, field, fields
 
 # One screen from a laptop to the real model: each preset is a handful of overrides of the
-# defaults below, which are the tiny model. `glm5_744b` is zai-org/GLM-5's config.json (arch.md §1.1).
+# defaults below, which are the tiny model. `glm5_744b` is zai-org/GLM-5's config.json (GLM-5, arXiv 2602.15763).
 PRESETS: dict[str, dict] = {
     # ~2.5M parameters: trains at useful speed on a 2-core CPU; index_topk 32 ≪ seq 256, so DSA is really sparse.
     "tiny": dict(),
@@ -84,7 +85,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    # INT4 checkpoints carry their quantization recipe here (None = full precision); see quant.py
+    # INT4 checkpoints carry their quantization recipe here (None = full precision); see int4.py
     quantization_config: dict | None = field(default=None)
 
     def __post_init__(self):
@@ -200,7 +201,7 @@ class ModelConfig:
             kw["first_k_dense_replace"] = k
         return cls(**kw)
 
-    # ------------------------------------------------------------------ parameter counting (arch.md §2)
+    # ------------------------------------------------------------------ parameter counting
     def _counts(self) -> dict:
         H, nh = self.hidden_size, self.num_attention_heads
         ql, kvl, dn, dr, dv = self.q_lora_rank, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim

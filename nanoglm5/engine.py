@@ -1,23 +1,27 @@
-"""Inference engine: token ids in, token ids out. What the server and the RL rollout workers generate with.
+"""Inference engine: token ids in, token ids out. What the server, the RL rollout workers, the evaluations and
+the training samples generate with.
 
 Holds, top to bottom:
   - cache sizes: what GLM-5 caches per token (the MLA latent c_kv, the roped shared key k_rot, the DSA
-    indexer key) vs the expanded per-head K/V of plain multi-head attention (research/int4_serve_data.md §B3);
-  - `KVCache`: that compressed cache, preallocated as max_batch slots × max_seq_len per layer, with per-slot
-    lengths; it implements the model's cache protocol `update(layer, c_kv, k_rot, index_k, positions)`;
-  - sampling: temperature, top-k, top-p (nucleus), per-request seeded `torch.Generator`, and the log-prob of
-    each token under the distribution actually sampled from (what RL's importance ratios need, rl.md §5);
-  - `Engine`: a continuous-batching scheduler (nano-vllm's waiting/running queues, §B2) with admission limits
+    indexer key) vs the expanded per-head K/V of plain multi-head attention (DeepSeek-V2 §2.1.2);
+  - sampling (sampling.py, re-exported here): temperature, top-k, top-p (nucleus), per-request seeded
+    `torch.Generator`, and the log-prob of each token under the distribution actually sampled from (what RL's
+    importance ratios need);
+  - stop strings: `find_stop`, the one check the engine (to finish a request) and the server (to cut its
+    text) both use;
+  - `Engine`: a continuous-batching scheduler (nano-vllm's waiting/running queues) with admission limits
     (max concurrent sequences, max tokens in flight), right-padded batched prefill, and batched decode of
-    every running slot (B×1 tokens, one position per row).
+    every running slot (B×1 tokens, one position per row) or, with `speculative="mtp"`, batched verification
+    of the MTP layer's drafts (speculative.py).
 
-Decode runs MLA in its absorbed (MQA) form over the latent cache (DeepSeek-V2 §2.1, arch.md §3.3), and DSA's
-top-k selection at every step once a context is longer than index_topk (DeepSeek-V3.2 §2.1): the model does
-both when it is given a cache (model.py `Attention.forward`); this file only stores and hands back the cache.
+The forward itself is decode.py: MLA in its absorbed (MQA) form over the compressed cache (DeepSeek-V2 §2.1.2),
+DSA's top-k selection once a context is longer than index_topk (DeepSeek-V3.2 §2.1), fused and folded weights,
+no training statistics. On CUDA the decode step of each batch-size bucket is a captured CUDA graph.
 
-Weights may change between `step()` calls (RL partial rollouts continue with newer weights): nothing derived
-from the weights is kept here, so the next step simply runs with whatever `engine.model` holds. The cache of
-running requests was written by the older weights; that is what "partial rollout" means (rl.md §5).
+Weights may change between `step()` calls (RL partial rollouts continue with newer weights): the derived
+matrices are rebuilt whenever a parameter changes in place (its version counter moves; not for writes through
+`.data`), so the next step runs with whatever `engine.model` holds. The cache of running requests was written by
+the older weights; that is what "partial rollout" means in asynchronous RL.
 
 Simplified: no paged blocks or prefix caching (one contiguous region per slot), no chunked prefill, no
 preemption (admission reserves prompt + max_tokens up front, so a running request never runs out of room).
@@ -31,10 +35,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
-from nanoglm5.model import GLM5
-
-EMPTY_POS = 2**30  # key position of an empty cache row: larger than any query position, so causally masked
+from nanoglm5.decode import Decoder
+from nanoglm5.model import GLM5, TIE_BREAKS
+from nanoglm5.sampling import SamplingParams, draw, sample, sampling_logprobs  # noqa: F401 (re-exported)
+from nanoglm5.speculative import MTPSpeculator
 
 
 # ---------------------------------------------------------------------------------------------- cache sizes
@@ -52,101 +58,10 @@ def expanded_kv_bytes_per_token(cfg, dtype=torch.float32) -> int:
     return cfg.num_hidden_layers * per_layer * torch.finfo(dtype).bits // 8
 
 
-# ---------------------------------------------------------------------------------------------- KV cache
-class KVCache:
-    """Per layer: c_kv (slots, max_seq_len, kv_lora_rank), k_rot (slots, max_seq_len, qk_rope_head_dim),
-    index_k (slots, max_seq_len, index_head_dim), and `lengths` (slots,) tokens held per slot.
-
-    Before each forward the engine calls `bind(slots, n_new)`: row b of the batch is slot slots[b] and brings
-    n_new[b] real tokens (the rest of the row is right padding, never written). `update` (called by every
-    layer) writes the new rows and returns the cache sliced to the longest live length S, with the key
-    positions of empty entries set to EMPTY_POS; `commit()` after the forward makes the new lengths count."""
-
-    def __init__(self, cfg, max_batch: int, max_seq_len: int, device=None, dtype=torch.float32):
-        L = cfg.num_hidden_layers
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.c_kv = torch.zeros(L, max_batch, max_seq_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rot = torch.zeros(L, max_batch, max_seq_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
-        self.index_k = torch.zeros(L, max_batch, max_seq_len, cfg.index_head_dim, device=device, dtype=dtype)
-        self.lengths = [0] * max_batch
-        self._arange = torch.arange(max_seq_len, device=device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.c_kv, self.k_rot, self.index_k))
-
-    def bind(self, slots: list[int], n_new: list[int]) -> None:
-        dev = self.c_kv.device
-        self.slots = slots
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        # a contiguous run of slots is read as a view; otherwise gathered (one copy per layer)
-        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=dev)
-        self.new_len = [self.lengths[s] + n for s, n in zip(slots, n_new)]
-        self.S = max(self.new_len)
-        new_len = torch.tensor(self.new_len, device=dev)
-        pos = self._arange[: self.S].expand(len(slots), -1)  # (B, S)
-        self.key_pos = torch.where(pos < new_len[:, None], pos, EMPTY_POS)
-        self.slot_idx = torch.tensor(slots, device=dev)
-        self.n_new = torch.tensor(n_new, device=dev)
-
-    def update(self, layer_idx, c_kv, k_rot, index_k, positions):
-        """The model's cache protocol: write (B, T, ·) new entries at `positions`, return everything cached."""
-        B, T = positions.shape
-        if T == 1:  # decode: one token per row
-            idx = (self.slot_idx, positions[:, 0])
-            new = (c_kv[:, 0], k_rot[:, 0], index_k[:, 0])
-        else:  # prefill: only the first n_new[b] tokens of row b are real
-            valid = torch.arange(T, device=positions.device)[None, :] < self.n_new[:, None]  # (B, T)
-            idx = (self.slot_idx[:, None].expand(B, T)[valid], positions[valid])
-            new = (c_kv[valid], k_rot[valid], index_k[valid])
-        for store, x in zip((self.c_kv, self.k_rot, self.index_k), new):
-            store[layer_idx].index_put_(idx, x.to(store.dtype))
-        S = self.S
-        return (self.c_kv[layer_idx, self.rows, :S], self.k_rot[layer_idx, self.rows, :S],
-                self.index_k[layer_idx, self.rows, :S], self.key_pos)
-
-    def commit(self) -> None:
-        for s, n in zip(self.slots, self.new_len):
-            self.lengths[s] = n
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-@dataclass
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None  # per-request generator: same seed, same tokens, whatever else is in the batch
-    stop: list[str] = ()  # stop strings (need the engine's tokenizer); the completing token is kept
-    stop_token_ids: list[int] = ()  # e.g. tokenizer.stop_ids; the stop token is kept in token_ids
-    logprobs: int = 0  # top-n raw-model log-probs to report per token
-
-
-def sampling_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits (V,) → log-probs (V,) of the distribution we sample from: logits / T, then top-k, then top-p
-    (the smallest set of most likely tokens whose mass reaches top_p), renormalised. Removed tokens get -inf."""
-    lg = logits.float() / p.temperature
-    if 0 < p.top_k < lg.numel():
-        kth = lg.topk(p.top_k).values[-1]
-        lg = lg.masked_fill(lg < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_lg, order = lg.sort(descending=True)
-        probs = sorted_lg.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # mass before this token already reaches top_p
-        lg = lg.index_put((order[drop],), torch.tensor(float("-inf"), device=lg.device))
-    return lg.log_softmax(-1)
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> tuple[int, float]:
-    """One token from logits (V,) → (token id, its log-prob under the sampled distribution; greedy: 0.0)."""
-    if p.temperature == 0:
-        return int(logits.argmax()), 0.0
-    logp = sampling_logprobs(logits, p)
-    tok = int(torch.multinomial(logp.exp(), 1, generator=gen))
-    return tok, float(logp[tok])
+# ---------------------------------------------------------------------------------------------- stop strings
+def find_stop(text: str, stop) -> int:
+    """Where the earliest of the stop strings starts in text; -1 when none occurs."""
+    return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -159,15 +74,20 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     # raw-model top-n per token when params.logprobs > 0; each dict also holds the sampled token's raw log-prob
     top_logprobs: list[dict[int, float]] | None = None
+    drafted: int = 0  # speculative decoding: MTP drafts verified for this request, and how many were accepted
+    accepted: int = 0
 
 
 class StepEvent(NamedTuple):
-    """One new token of one request; `completion` is set when that token finished the request."""
+    """One new token of one request; `completion` is set when that token finished the request.
+    `top_logprobs`: the raw-model top-n log-probs at this token (and the sampled token's), when
+    params.logprobs > 0, else None: what a streaming server sends with each token."""
 
     request_id: str
     token_id: int
     logprob: float
     completion: Completion | None
+    top_logprobs: dict[int, float] | None = None
 
 
 @dataclass(eq=False)  # compared by identity
@@ -181,6 +101,10 @@ class _Request:
     top: list[dict[int, float]] = field(default_factory=list)
     slot: int = -1
     stop_bytes: int = 0  # longest stop string in bytes: how many trailing tokens to decode when checking
+    drafts: list[int] = field(default_factory=list)  # speculative: the MTP layer's draft tokens for the next step
+    q: list = field(default_factory=list)  # their draft distributions (sampled requests), (V,) probs each
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def budget(self) -> int:  # tokens this request may occupy: reserved at admission
@@ -195,45 +119,84 @@ class Engine:
     `engine.has_unfinished()`. Each step (1) admits waiting requests FIFO while a slot is free and the tokens
     in flight (prompt + max_tokens of every running request) stay within max_tokens_in_flight, (2) prefills
     the admitted ones (right-padded batches) and samples their first token, (3) decodes one token for every
-    other running request, as one (B, 1) batch. It returns one `StepEvent(request_id, token_id, logprob,
-    completion)` per running request; `completion` is not None when the request finished at this token, and
-    its slot is free for the next step. `engine.last_top` maps request id → the raw top-n log-probs of the
-    token just emitted (when params.logprobs > 0), for streaming. Not thread-safe: one thread owns it."""
+    other running request, as one (B, 1) batch (speculative: verifies each one's drafts and emits 1 to
+    num_draft + 1 tokens). It returns one `StepEvent(request_id, token_id, logprob, completion, top_logprobs)`
+    per new token, in order; `completion` is not None when the request finished at this token, and its slot is
+    free for the next step. `abort(id)` drops one request, `abort_all()` every one. Not thread-safe: one
+    thread owns it.
+
+    tie_break: how DSA breaks exact ties of index scores. The default "stable" (by position) makes the
+    selection depend only on visible scores, so cached decode, batching and a full recompute
+    `model(ids, tie_break="stable")` agree exactly; "topk" is the reference's.
+    speculative: None, or "mtp": the model's first MTP layer drafts num_draft tokens (chained), the model
+    verifies them in one forward; lossless (speculative.py). Acceptance: `engine.acceptance_rate`.
+    graphs: "auto" (CUDA graphs on a CUDA device, else off), "off", "cuda", or "eager": the graph path's
+    bucket padding and static shapes run eagerly (what the CPU tests check). Decode batches up to the largest
+    of `graph_buckets` (default: powers of two up to max_batch) are padded to the next bucket.
+    device / dtype: where and in what precision the model runs; the model is moved there (in place) if needed."""
 
     def __init__(self, model: GLM5, tokenizer=None, max_batch: int = 16, max_tokens_in_flight: int = 8192,
                  max_seq_len: int | None = None, device=None, sparse: bool = True, prefill_tokens: int = 4096,
-                 tie_break: str = "stable"):
+                 tie_break: str = "stable", speculative: str | None = None, num_draft: int = 1,
+                 graphs: str = "auto", graph_buckets: list[int] | None = None, dtype: torch.dtype | None = None):
         cfg = model.config
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        # DSA ties broken by position (model.Attention.__init__): the selection then depends only on visible
-        # scores, so cached decode, batching and a full recompute with this model agree exactly
-        model.set_tie_break(tie_break)
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={tie_break!r}: use 'stable' (cache-consistent) or 'topk' (reference-exact)")
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r}: use None (plain decoding) or 'mtp'")
+        if speculative and cfg.num_nextn_predict_layers == 0:
+            raise ValueError("speculative='mtp' needs a model with an MTP layer, but this one has "
+                             "num_nextn_predict_layers=0; serve it with speculative=None")
+        if not isinstance(num_draft, int) or num_draft < 1:
+            raise ValueError(f"num_draft={num_draft!r} must be an integer >= 1")
+        if graphs not in ("auto", "off", "cuda", "eager"):
+            raise ValueError(f"graphs={graphs!r}: use 'auto', 'off', 'cuda' or 'eager'")
+        self.model, self.tokenizer, self.cfg, self.tie_break = model, tokenizer, cfg, tie_break
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if next(model.parameters()).device != self.device:
             self.model = model.to(self.device)
+        if dtype is not None and model.embed_tokens.weight.dtype != dtype:
+            self.model = model.to(dtype)
+            for m in self.model.moe_layers():  # the router's bias stays fp32, as load_hf keeps it: routing is fp32
+                m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+        if graphs == "auto":
+            graphs = "cuda" if self.device.type == "cuda" else "off"
+        if graphs == "cuda" and self.device.type != "cuda":
+            raise ValueError(f"graphs='cuda' needs a CUDA device, not {self.device}; use 'eager' or 'off'")
+        self.graphs = graphs
+        self.graph_buckets = sorted(graph_buckets or [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < max_batch]
+                                    + [max_batch])
         self.max_batch, self.max_tokens_in_flight = max_batch, max_tokens_in_flight
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         if self.max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; pass max_seq_len <= {cfg.max_position_embeddings}")
         self.sparse, self.prefill_tokens = sparse, prefill_tokens
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point:  # int4 models keep packed weights: cache in fp32
-            dtype = torch.float32
-        self.cache = KVCache(cfg, max_batch, self.max_seq_len, self.device, dtype)
+        self.speculative, self.num_draft = speculative, num_draft
+        # drafts are written past a request's budget (then rolled back): room for the longest chain
+        headroom = 2 * num_draft + 1 if speculative else 0
+        self.decoder = Decoder(self.model, max_batch, self.max_seq_len, headroom, self.device, sparse, tie_break,
+                               mtp=speculative is not None)
+        self.cache = self.decoder.cache
+        self.spec = MTPSpeculator(self) if speculative else None
         self.waiting: deque[_Request] = deque()
         self.running: dict[str, _Request] = {}
         self.free_slots = list(range(max_batch))
-        self.last_top: dict[str, dict[int, float]] = {}
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self.drafted = self.accepted = 0  # speculative decoding, over the engine's life
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafted (speculative decoding); nan before any draft was verified."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
 
     # -- sizes -----------------------------------------------------------------------------------
     def cache_bytes_per_token(self) -> int:
-        return cache_bytes_per_token(self.cfg, self.cache.c_kv.dtype)
+        return cache_bytes_per_token(self.cfg, self.cache.kv.dtype)
 
     def expanded_kv_bytes_per_token(self) -> int:
-        return expanded_kv_bytes_per_token(self.cfg, self.cache.c_kv.dtype)
+        return expanded_kv_bytes_per_token(self.cfg, self.cache.kv.dtype)
 
     @property
     def tokens_in_flight(self) -> int:
@@ -293,8 +256,17 @@ class Engine:
             self._free(r)
         return r is not None
 
+    def abort_all(self) -> list[str]:
+        """Drop every running and waiting request (e.g. after a failed step); returns their ids."""
+        ids = list(self.running) + [r.id for r in self.waiting]
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
     def _free(self, r: _Request) -> None:
         self.cache.free(r.slot)
+        if self.decoder.mtp_cache is not None:
+            self.decoder.mtp_cache.free(r.slot)
         self.free_slots.append(r.slot)
         self.free_slots.sort()  # lowest slots first: running requests stay contiguous, read as views
 
@@ -311,7 +283,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        self.last_top = {}
+        self.decoder.refresh()  # the weights may have changed since the last step
         admitted = self._admit()
         new = {r.id for r in admitted}
         decoding = [r for r in self.running.values() if r.id not in new]
@@ -326,61 +298,81 @@ class Engine:
         if group:
             events += self._prefill(group)
         if decoding:
-            events += self._decode(sorted(decoding, key=lambda r: r.slot))
+            decoding.sort(key=lambda r: r.slot)
+            events += self.spec.decode(decoding) if self.spec else self._decode(decoding)
         return events
 
-    def _forward(self, reqs, ids, positions, n_new):
-        self.cache.bind([r.slot for r in reqs], n_new)
-        out = self.model(ids, positions=positions, cache=self.cache, sparse=self.sparse, last_logits_only=True)
-        self.cache.commit()
-        return out
+    def run(self, stack: str, ids: torch.Tensor, reqs: list[_Request], start: list[int], h_prev=None, last=None,
+            decode=True):
+        """One forward of `stack` ("main" or "mtp") for reqs, ids (B, T) at positions start[b]...; decode-sized
+        batches go through the graph buckets. → hidden (B, T, H), logits (B, T, V) (or (B, V) at `last`)."""
+        slots = [r.slot for r in reqs]
+        B = len(reqs)
+        if decode and self.graphs != "off" and B <= self.graph_buckets[-1]:
+            bucket = next(b for b in self.graph_buckets if b >= B)
+            hidden, logits = self.decoder.run_static(stack, ids, start, slots, bucket, h_prev,
+                                                     capture=self.graphs == "cuda")
+            if last is not None:
+                logits = logits[torch.arange(B, device=self.device), torch.tensor(last, device=self.device)]
+            return hidden, logits
+        return self.decoder.run(stack, ids, start, slots, h_prev, last)
 
     def _prefill(self, reqs: list[_Request]) -> list[StepEvent]:
         T = max(len(r.prompt) for r in reqs)
-        ids = torch.zeros(len(reqs), T, dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids[b, : len(r.prompt)] = torch.tensor(r.prompt)
-        ids = ids.to(self.device)
-        positions = torch.arange(T, device=self.device).expand(len(reqs), T)
-        n = [len(r.prompt) for r in reqs]
-        out = self._forward(reqs, ids, positions, n)
-        # the logits of each row's last real token: norm + head over the hidden state there
-        last = out.hidden[torch.arange(len(reqs)), torch.tensor(n) - 1]  # (B, H)
-        logits = self.model.lm_head(self.model.norm(last))
-        return self._sample(reqs, logits)
+        ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
+        hidden, logits = self.run("main", ids, reqs, [0] * len(reqs), last=[len(r.prompt) - 1 for r in reqs],
+                                  decode=False)
+        for r in reqs:
+            self.cache.lengths[r.slot] = len(r.prompt)
+        events = self._sample(reqs, logits)
+        if self.spec:
+            live = [b for b, r in enumerate(reqs) if r.id in self.running]
+            if live:
+                self.spec.prefill([reqs[b] for b in live], hidden[torch.tensor(live, device=self.device)])
+        return events
 
     def _decode(self, reqs: list[_Request]) -> list[StepEvent]:
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
-        positions = torch.tensor([[self.cache.lengths[r.slot]] for r in reqs], device=self.device)  # (B, 1)
-        out = self._forward(reqs, ids, positions, [1] * len(reqs))
-        return self._sample(reqs, out.logits[:, -1])
+        _, logits = self.run("main", ids, reqs, [self.cache.lengths[r.slot] for r in reqs])
+        for r in reqs:
+            self.cache.lengths[r.slot] += 1
+        return self._sample(reqs, logits[:, 0])
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepEvent]:
         logits = logits.float()
-        raw = None
-        if any(r.params.logprobs for r in reqs):
-            raw = logits.log_softmax(-1)
-        events = []
+        raw = logits.log_softmax(-1) if any(r.params.logprobs for r in reqs) else None
+        toks, lps = logits.argmax(-1).tolist(), [0.0] * len(reqs)  # greedy rows: one argmax, one transfer
+        groups: dict[tuple, list[int]] = {}  # sampled rows by transform: one batched transform and draw each
         for b, r in enumerate(reqs):
-            tok, lp = sample(logits[b], r.params, r.gen)
-            r.out.append(tok)
-            r.logprobs.append(lp)
-            if r.params.logprobs:
-                vals, idx = raw[b].topk(min(r.params.logprobs, raw.shape[-1]))
-                top = dict(zip(idx.tolist(), vals.tolist()))
-                top.setdefault(tok, float(raw[b, tok]))
-                r.top.append(top)
-                self.last_top[r.id] = top
-            events.append(StepEvent(r.id, tok, lp, self._finish_if_done(r)))
-        return events
+            if r.params.temperature > 0:
+                groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(b)
+        for rows in groups.values():
+            p = reqs[rows[0]].params
+            logp = sampling_logprobs(logits[rows], p)
+            got = draw(logp.exp(), [reqs[b].gen for b in rows])
+            for b, t, lp in zip(rows, got, logp[torch.arange(len(rows)), got].tolist()):
+                toks[b], lps[b] = t, lp
+        return [self._emit(r, t, lp, raw[b] if raw is not None else None)
+                for b, (r, t, lp) in enumerate(zip(reqs, toks, lps))]
+
+    def _emit(self, r: _Request, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
+        """Append one token to r (and its raw top-n log-probs from raw (V,) when asked); finish r if done."""
+        r.out.append(tok)
+        r.logprobs.append(lp)
+        top = None
+        if r.params.logprobs:
+            vals, idx = raw.topk(min(r.params.logprobs, raw.shape[-1]))
+            top = dict(zip(idx.tolist(), vals.tolist()))
+            top.setdefault(tok, float(raw[tok]))
+            r.top.append(top)
+        return StepEvent(r.id, tok, lp, self._finish_if_done(r), top)
 
     def _finish_if_done(self, r: _Request) -> Completion | None:
         reason = None
         if r.out[-1] in r.params.stop_token_ids:
             reason = "stop"
         elif r.params.stop:
-            tail = self.tokenizer.decode(r.out[-(r.stop_bytes + 1):])
-            if any(s in tail for s in r.params.stop):
+            if find_stop(self.tokenizer.decode(r.out[-(r.stop_bytes + 1):]), r.params.stop) >= 0:
                 reason = "stop"
         if reason is None and len(r.out) >= r.params.max_tokens:
             reason = "length"
@@ -388,7 +380,8 @@ class Engine:
             return None
         del self.running[r.id]
         self._free(r)
-        return Completion(r.id, r.prompt, r.out, r.logprobs, reason, r.top if r.params.logprobs else None)
+        return Completion(r.id, r.prompt, r.out, r.logprobs, reason, r.top if r.params.logprobs else None,
+                          r.drafted, r.accepted)
 
     # -- convenience -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -399,11 +392,7 @@ class Engine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts; pass one or one each")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         done: dict[str, Completion] = {}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="generate", unit="seq")
+        bar = tqdm(total=len(ids), desc="generate", unit="seq") if progress else None
         wanted = set(ids)
         while wanted - done.keys():
             for ev in self.step():

@@ -1,6 +1,6 @@
 """GLM-5 model: MLA attention (DeepSeek-V2 §2.1), DSA lightning indexer + top-k sparse attention
 (DeepSeek-V3.2 §2.1), MoE with a sigmoid router and aux-loss-free bias (DeepSeek-V3 §2.1.2),
-multi-token prediction (DeepSeek-V3 §2.2), first layers dense. research/arch.md has the numbers.
+multi-token prediction (DeepSeek-V3 §2.2), first layers dense, as GLM-5 (arXiv 2602.15763 §2) builds them.
 
 Read top to bottom: RMSNorm → RoPE → Indexer → MLA attention (dense masked path + gathered sparse
 path + absorbed MQA form) → MLP → Router/Experts/MoE → Block → MTP → GLM5.
@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoglm5.config import ModelConfig
+
+TIE_BREAKS = ("topk", "stable")  # how DSA breaks exact ties of index scores: see `Attention`
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +65,7 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim**-0.5
 
-    def _rope_first(self, x, cos, sin):  # RoPE on the first rope_dim dims ([pe, nope] split, arch.md §3.1)
+    def _rope_first(self, x, cos, sin):  # RoPE on the first rope_dim dims (the reference's [pe, nope] split)
         x_rot, x_pass = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat([apply_rope(x_rot, cos, sin), x_pass], dim=-1)
 
@@ -105,7 +107,16 @@ class Attention(nn.Module):
     and values come from kv_b_proj. Three equal ways to attend:
       - dense masked (MHA form, expanded K/V): the reference, used for parity and the warm-up;
       - gathered sparse (MQA/absorbed form over the top-k latents): cost O(T·k), the point of DSA;
-      - absorbed over a KV cache (decode, engine.py): W_UK folded into q, W_UV applied after (arch.md §3.3).
+      - absorbed over the compressed KV cache (inference: decode.py, the same math arranged for decoding):
+        W_UK folded into q, W_UV applied after (DeepSeek-V2 §2.1.2).
+
+    DSA top-k ties (`tie_break`, a forward argument): ReLU makes all-zero index scores common, so exact ties
+    on the top-k boundary happen.
+      "topk"   torch.topk on the causally masked row, as the reference does: equal to transformers, but
+               topk's order among ties depends on the row's length, so a token's selection can change when
+               more (masked) future tokens are in the tensor: cache decode ≠ full recompute on ties.
+      "stable" ties go to the earlier position: the selection depends only on visible scores, so cache
+               decode, batching and full recompute agree exactly. The engine and the RL learner pass it.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -123,13 +134,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.dv, cfg.hidden_size, bias=bias)
         self.indexer = Indexer(cfg)
         self.scale = (self.dn + self.dr) ** -0.5
-        # How exact ties in the index scores are broken (ReLU makes all-zero scores common):
-        #  "topk"   torch.topk on the causally masked row, as the reference does: equal to transformers, but
-        #           topk's order among ties depends on the row's length, so a token's selection can change
-        #           when more (masked) future tokens are in the tensor: cache decode ≠ full recompute on ties.
-        #  "stable" ties go to the earlier position: the selection depends only on visible scores, so cache
-        #           decode, batching and full recompute agree exactly. The engine and RL use this.
-        self.tie_break = "topk"
         self.query_chunk = 1024  # sparse path: queries per checkpointed block (bounds memory at long T)
         self.gather_min_keys = 2048  # impl="auto" gathers the top-k latents only above this many keys
 
@@ -190,25 +194,27 @@ class Attention(nn.Module):
         return out.reshape(B, T, self.n_heads * self.dv), probs
 
     # -- DSA selection and the sparse block -----------------------------------------------------
-    def select(self, index_scores, allowed):
+    def select(self, index_scores, allowed, tie_break: str = "topk"):
         """Top-k keys per query. The causal mask is added BEFORE top-k, so the selection never holds the future."""
         masked = index_scores.detach().masked_fill(~allowed, float("-inf"))
-        if self.tie_break == "stable":
+        if tie_break == "stable":
             return masked.sort(dim=-1, descending=True, stable=True).indices[..., : self.cfg.index_topk]
         return masked.topk(self.cfg.index_topk, dim=-1).indices
 
-    def sparse_block(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool):
+    def sparse_block(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool,
+                     tie_break: str = "topk"):
         """Indexer → top-k → gathered absorbed attention, for a block of queries (all keys).
         Returns (out, KL over the selected set, or 0 when not asked)."""
         with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
             scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)  # (B, t, S)
-        topk = self.select(scores, allowed)
+        topk = self.select(scores, allowed, tie_break)
         out, probs = self.attend_absorbed(q_nope, q_rot, c_kv, k_rot, allowed, topk)
         if not want_kl:
             return out, out.new_zeros(())
         return out, indexer_kl(probs, scores.gather(-1, topk), allowed.gather(-1, topk))
 
-    def sparse_chunked(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool):
+    def sparse_chunked(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool,
+                       tie_break: str = "topk"):
         """sparse_block over chunks of `query_chunk` queries, each recomputed in backward (activation
         checkpointing): memory O(chunk·S + T·k) instead of the (B, T, H_I, S) index scores and the
         (B, T, k, kv_lora + rope) gathered latents of the whole sequence. Same numbers as one block."""
@@ -217,7 +223,7 @@ class Attention(nn.Module):
         for i in range(0, T, C):
             s = slice(i, i + C)
             args = (x_i[:, s], ql_i[:, s], cos[:, s], sin[:, s], q_nope[:, :, s], q_rot[:, :, s], c_kv, k_rot,
-                    index_k, allowed[:, s], want_kl)
+                    index_k, allowed[:, s], want_kl, tie_break)
             if torch.is_grad_enabled():
                 out, k = torch.utils.checkpoint.checkpoint(self.sparse_block, *args, use_reentrant=False)
             else:
@@ -226,30 +232,26 @@ class Attention(nn.Module):
             kl = kl + k * (out.shape[1] / T)  # the mean over all queries
         return torch.cat(outs, dim=1), kl
 
-    def forward(self, x, cos, sin, positions, cache=None, sparse=True, want_kl=False, impl="auto"):
-        """x (B,T,H) normed block input; positions (B,T) absolute. cache: an object with
-        update(layer_idx, c_kv, k_rot, index_k, positions) → (c_kv, k_rot, index_k, key_positions) over
-        everything cached (see engine.py); empty slots have key_positions larger than any query.
-        impl: "dense" (masked MHA), "absorbed" (gathered / cached latents) or "auto".
+    def forward(self, x, cos, sin, positions, sparse=True, want_kl=False, impl="auto", tie_break="topk"):
+        """x (B,T,H) normed block input; positions (B,T) absolute.
+        impl: "dense" (masked MHA), "absorbed" (gathered latents) or "auto".
+        tie_break: "topk" or "stable", how DSA breaks exact ties of index scores (see the class docstring).
         Returns (out (B,T,H), indexer KL or None)."""
         q_nope, q_rot, q_latent, c_kv, k_rot = self.project(x, cos, sin)
         # the indexer learns only from its own KL: its inputs are detached (DeepSeek-V3.2 §2.1)
         x_i, ql_i = x.detach(), q_latent.detach()
-        index_k = self.indexer.keys(x_i, cos, sin) if (sparse or want_kl or cache is not None) else None
-        key_pos = positions
-        if cache is not None:
-            c_kv, k_rot, index_k, key_pos = cache.update(self.layer_idx, c_kv, k_rot, index_k, positions)
+        index_k = self.indexer.keys(x_i, cos, sin) if (sparse or want_kl) else None
         S = c_kv.shape[1]
-        allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S) causal over absolute positions
+        allowed = positions[:, None, :] <= positions[:, :, None]  # (B, T, S) causal over absolute positions
         select = sparse and S > self.cfg.index_topk  # with S <= k the top-k holds every visible token: dense
         if impl == "auto":
-            # a cache is read in its compressed form; without one, gathering the top-k latents only pays off
-            # for long contexts (on CPU, below ~2K keys the masked dense matmuls are faster: docs/benchmarks.md)
-            impl = "absorbed" if cache is not None or (select and S > self.gather_min_keys) else "dense"
+            # gathering the top-k latents only pays off for long contexts (on CPU, below ~2K keys the masked
+            # dense matmuls are faster: docs/benchmarks.md)
+            impl = "absorbed" if select and S > self.gather_min_keys else "dense"
 
         if select and impl == "absorbed":
             run = self.sparse_chunked if x.shape[1] > self.query_chunk else self.sparse_block
-            out, kl = run(x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl)
+            out, kl = run(x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl, tie_break)
             return self.o_proj(out), (kl if want_kl else None)
 
         topk, index_scores, kl = None, None, None
@@ -257,7 +259,7 @@ class Attention(nn.Module):
             with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
                 index_scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)
         if select:
-            topk = self.select(index_scores, allowed)
+            topk = self.select(index_scores, allowed, tie_break)
         if impl == "dense":
             mask = allowed
             if topk is not None:
@@ -333,7 +335,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def weights(self):
-        """(gate_up, down); quant.py overrides this to fake-quantize or unpack int4."""
+        """(gate_up, down); int4.py overrides this to fake-quantize or unpack int4."""
         return self.gate_up_proj, self.down_proj
 
     def forward_loop(self, x, gates, idx):
@@ -409,8 +411,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, positions, cache=None, sparse=True, want_kl=False, impl="auto"):
-        a, kl = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, sparse, want_kl, impl)
+    def forward(self, x, cos, sin, positions, sparse=True, want_kl=False, impl="auto", tie_break="topk"):
+        a, kl = self.self_attn(self.input_layernorm(x), cos, sin, positions, sparse, want_kl, impl, tie_break)
         x = x + a
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -430,19 +432,19 @@ class MTPLayer(nn.Module):
         H = cfg.hidden_size
         self.enorm = RMSNorm(H, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * H, H, bias=False)  # embedding first, hidden second (arch.md §4)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)  # embedding first, hidden second, as the reference's eh_proj
         self.block = Block(cfg, layer_idx, moe=True)
         self.shared_head_norm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, h, emb_next, cos, sin, positions, sparse=True, want_kl=False):
+    def forward(self, h, emb_next, cos, sin, positions, sparse=True, want_kl=False, tie_break="topk"):
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h)], dim=-1))
-        x, kl, load, balance = self.block(x, cos, sin, positions, None, sparse, want_kl)
+        x, kl, load, balance = self.block(x, cos, sin, positions, sparse, want_kl, tie_break=tie_break)
         return self.shared_head_norm(x), kl, load, balance
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor  # (B, T, vocab), or logits_at.shape + (vocab,) when the forward was given logits_at
     loss: torch.Tensor | None = None  # lm_loss + mtp_weight · mtp_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
@@ -478,13 +480,21 @@ class GLM5(nn.Module):
                 nn.init.normal_(p, std=std)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids, targets=None, *, positions=None, cache=None, sparse=True, indexer_kl=False,
-                mtp_weight=0.3, impl="auto", last_logits_only=False) -> ModelOutput:
+    def forward(self, input_ids, targets=None, *, positions=None, sparse=True, indexer_kl=False,
+                mtp_weight=0.3, impl="auto", logits_at=None, tie_break="topk") -> ModelOutput:
         """input_ids (B, T). targets (B, T) with -1 = ignore. sparse: DSA top-k on (off = dense attention,
         the warm-up stage). indexer_kl: also return the indexer's KL to the main attention (both stages).
-        cache: a KV cache from engine.py (inference; MTP is skipped)."""
+        Generation with a KV cache is decode.py (the engine's forward), not this one.
+        logits_at: per-row indices into T, (B,) or (B, K): the final norm and the head run only there and
+        logits has shape logits_at.shape + (vocab,) (generation: each row's last real token, whatever its
+        right padding). Not with targets, whose loss needs every position.
+        tie_break: "topk" (reference-exact, default) or "stable" (cache-consistent), see `Attention`."""
         cfg = self.config
         B, T = input_ids.shape
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break={tie_break!r}: use 'topk' (equal to transformers) or 'stable' (cache-consistent)")
+        if logits_at is not None and targets is not None:
+            raise ValueError("logits_at and targets together: the loss needs the logits of every position")
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if int(positions.max()) >= cfg.max_position_embeddings:
@@ -494,21 +504,23 @@ class GLM5(nn.Module):
         x = self.embed_tokens(input_ids)
         kls, loads, balances = [], [], []
         for layer in self.layers:
-            x, kl, load, bal = layer(x, cos, sin, positions, cache, sparse, indexer_kl, impl)
+            x, kl, load, bal = layer(x, cos, sin, positions, sparse, indexer_kl, impl, tie_break)
             kls.append(kl)
             loads.append(load)
             balances.append(bal)
         hidden = x
-        h = self.norm(x[:, -1:] if last_logits_only else x)
-        out = ModelOutput(logits=self.lm_head(h), hidden=hidden)
+        if logits_at is not None:
+            rows = torch.arange(B, device=x.device)
+            x = x[rows if logits_at.dim() == 1 else rows[:, None], logits_at.to(x.device)]
+        out = ModelOutput(logits=self.lm_head(self.norm(x)), hidden=hidden)
 
         if targets is not None:
             V = cfg.vocab_size
             out.lm_loss = F.cross_entropy(out.logits.float().view(-1, V), targets.reshape(-1), ignore_index=-1)
             out.loss = out.lm_loss
-            if len(self.mtp) and cache is None and T > 1:
+            if len(self.mtp) and T > 1:
                 out.mtp_loss = self._mtp_loss(hidden, input_ids, targets, cos, sin, positions, sparse, indexer_kl,
-                                               kls, loads, balances)
+                                               tie_break, kls, loads, balances)
                 out.loss = out.loss + mtp_weight * out.mtp_loss
         if indexer_kl:
             out.indexer_kl = torch.stack([k for k in kls if k is not None]).mean()
@@ -519,7 +531,8 @@ class GLM5(nn.Module):
             out.balance_loss = torch.stack(balances).mean() if balances else None
         return out
 
-    def _mtp_loss(self, hidden, input_ids, targets, cos, sin, positions, sparse, want_kl, kls, loads, balances):
+    def _mtp_loss(self, hidden, input_ids, targets, cos, sin, positions, sparse, want_kl, tie_break, kls, loads,
+                  balances):
         """L_MTP = (1/D) Σ_k CE_k (DeepSeek-V3 eq. 25); depth k predicts the token k+1 ahead."""
         losses, h = [], hidden
         V = self.config.vocab_size
@@ -528,7 +541,8 @@ class GLM5(nn.Module):
             if n < 1:
                 break
             emb_next = self.embed_tokens(input_ids[:, k : k + n])
-            h, kl, load, bal = mtp(h[:, :n], emb_next, cos[:, :n], sin[:, :n], positions[:, :n], sparse, want_kl)
+            h, kl, load, bal = mtp(h[:, :n], emb_next, cos[:, :n], sin[:, :n], positions[:, :n], sparse, want_kl,
+                                   tie_break)
             kls.append(kl)
             loads.append(load)
             balances.append(bal)
@@ -548,14 +562,6 @@ class GLM5(nn.Module):
                              f"({len(routers)} with MTP): pass ModelOutput.expert_load")
         for router, load in zip(routers, expert_load.to(self.lm_head.weight.device)):
             router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
-
-    def set_tie_break(self, mode: str) -> None:
-        """DSA top-k tie-breaking, "topk" (reference-exact, default) or "stable" (see Attention.__init__)."""
-        if mode not in ("topk", "stable"):
-            raise ValueError(f"tie_break={mode!r}: use 'topk' (equal to transformers) or 'stable' (cache-consistent)")
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.tie_break = mode
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)] + [m.block.mlp for m in self.mtp]

@@ -1,263 +1,43 @@
-"""INT4 weights: one quantizer for quantization-aware training, post-training quantization and packed
-serving. GLM-5 §2.4.3 applies INT4 QAT in the SFT stage with "a quantization kernel applicable to both
-training and offline weight quantization, which ensures bitwise-identical behavior between training and
-inference"; research/int4_serve_data.md §A has the math (A3), the packing (A4) and the suggested shape (A7).
+"""INT4 recipes and the conversion CLI: post-training quantization (`ptq`), packing a QAT-trained model
+with its own recipe (`convert_qat`), the recipe a checkpoint was trained with (`read_qat_recipe`),
+converting a checkpoint directory (`convert_checkpoint`), stored sizes (`weight_bytes`), and
 
-Read top to bottom:
-  1. the quantizer: `quantize_int4` → (q, scale), `dequantize_int4`, `fake_quant_int4` (straight-through
-     estimator), `pack_int4` / `unpack_int4` (two values a byte);
-  2. `QuantConfig`: which layers, group size, scale dtype (the recipe QAT records and convert reproduces);
-  3. QAT: `prepare_qat(model, layers, group_size)` re-classes the chosen nn.Linear layers (`QATLinear`) and
-     the stacked MoE experts (`QATExperts`) so that every read of their weight is fake-quantized. Parameter
-     names do not change, so `checkpoint.save_hf` of a QAT model writes plain full-precision tensors;
-  4. packing: `Int4Linear`, `Int4Experts` (packed uint8 + scales, dequantized on the fly), `ptq(model)`
-     (post-training quantization of any model) and `convert_qat(model)` (a QAT model, packed);
-  5. checkpoints: `save_int4`, `load_int4` (what checkpoint.load_hf calls for quantized directories),
-     `weight_bytes`, and the CLI `python -m nanoglm5.quant {convert,ptq} --checkpoint DIR --out DIR2`.
+    python -m nanoglm5.quant {convert,ptq} --checkpoint DIR --out DIR2 [--layers --group-size --scale-dtype]
 
-The convention is torchao's SYMMETRIC int4 mapping (`IntxFakeQuantizeConfig(torch.int4, group_size=g)`):
-for each group of g consecutive weights along the input (last) dim of one output row
-    s = max(amax / 7.5, 2^-126)      q = clamp(round_half_even(w · (1/s)), -8, 7)      ŵ = q · s
-so every w/s lies in [-7.5, 7.5]: -7.5 rounds to -8 (half to even), and only values in (7, 7.5]·s are clipped
-(to 7), so |w - ŵ| <= s/2 for every weight, clipped or not (up to the float rounding of w · (1/s)). (slime uses amax/7 and [-7, 7], 15 levels; we keep 16.)
-When g does not divide the input dim, the last group of each row is shorter: it is padded with zeros, which
-leave its amax unchanged, and the padding is dropped again (slime pads the same way). Scales are fp32 by
-default (torchao's default); `scale_dtype="bfloat16"` stores them in bf16, rounded UP so |w/s| <= 7.5 holds.
-
-Packing: nibble = q + 8 (0..15, offset binary); byte = nibble[2j] | nibble[2j+1] << 4 (even column in the
-LOW nibble, as torchao's Int4PlainInt32Tensor / mx pack_uint4); an odd last dim is padded with one q = 0.
-
-Simplified: weight-only (activations stay full precision, W4A16); the STE passes the gradient unchanged
-for every weight (slime's choice; torchao zeroes it for the few clipped ones); scales are recomputed from
-the weight on every forward (torchao's `is_dynamic=True`), never learned; embeddings, norms and the router
-always stay full precision.
+GLM-5 (arXiv 2602.15763) §2.4.3 trains with INT4 QAT in the SFT stage and serves the packed weights: since
+`convert_qat` packs with the same quantizer the fake-quant forward used (int4.py), the packed model's logits
+equal the QAT model's bit for bit. `ptq` packs any full-precision model with that quantizer (the baseline).
+The quantizer and the QAT and packed modules are in int4.py; the int4 checkpoint format in checkpoint.py.
 """
 
 import argparse
-import dataclasses
 import json
-import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from nanoglm5.checkpoint import load_hf, read_config, save_int4
+from nanoglm5.int4 import (
+    LAYERS,
+    SCALE_DTYPES,
+    Int4Experts,
+    Int4Linear,
+    QuantConfig,
+    is_packed,
+    prepare_qat,
+    quant_targets,
+    set_module,
+)
 from nanoglm5.model import GLM5, Experts
 
-QMIN, QMAX = -8, 7
-SCALE_EPS = torch.finfo(torch.float32).smallest_normal  # torchao's eps for fp32/bf16 weights
-SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANT_METHOD = "nanoglm5_int4"
 
-
-# ---------------------------------------------------------------------------------------------- 1. the quantizer
-def _check_group_size(group_size) -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r}: must be a positive integer (e.g. 32, 64 or 128)")
-
-
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(..., K) → (..., ceil(K/g), g), zero-padding the last group when g does not divide K."""
-    K = x.shape[-1]
-    n_groups = -(-K // group_size)
-    x = F.pad(x, (0, n_groups * group_size - K))
-    return x.view(*x.shape[:-1], n_groups, group_size)
-
-
-def _round_scale(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    """fp32 scales → the storage dtype. bf16 is rounded UP, so |w/s| <= 7.5 still holds."""
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype={scale_dtype!r}: choose one of {sorted(SCALE_DTYPES)}")
-    if scale_dtype == "float32":
-        return s
-    b = s.to(torch.bfloat16)
-    return torch.where(b.float() < s, torch.nextafter(b, torch.full_like(b, float("inf"))), b)
-
-
-@torch.no_grad()
-def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: str = "float32"):
-    """w (..., K) float → q (..., K) int8 in [-8, 7], scale (..., ceil(K/g)) in scale_dtype. Math in fp32."""
-    _check_group_size(group_size)
-    if not w.is_floating_point():
-        raise TypeError(f"quantize_int4 expects a floating-point weight, got {w.dtype}")
-    wg = _grouped(w.detach().float(), group_size)  # (..., G, g)
-    amax = wg.abs().amax(-1)  # (..., G) == torchao's max(-min_neg, max_pos)
-    scale = _round_scale((amax / ((QMAX - QMIN) / 2)).clamp(min=SCALE_EPS), scale_dtype)  # s = amax / 7.5
-    q = torch.clamp(torch.round(wg * (1.0 / scale.float()[..., None])), QMIN, QMAX)  # same ops as torchao
-    q = q.flatten(-2)[..., : w.shape[-1]].to(torch.int8)
-    return q, scale
-
-
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q (..., K) int8, scale (..., ceil(K/g)) → ŵ = q · s (..., K) in fp32."""
-    _check_group_size(group_size)
-    K = q.shape[-1]
-    if scale.shape != (*q.shape[:-1], -(-K // group_size)):
-        raise ValueError(f"scale shape {tuple(scale.shape)} does not fit q {tuple(q.shape)} with group_size={group_size}: "
-                         f"expected {(*q.shape[:-1], -(-K // group_size))}")
-    w = _grouped(q.float(), group_size) * scale.float()[..., None]  # (..., G, g)
-    return w.flatten(-2)[..., :K]
-
-
-def fake_quant_int4(w: torch.Tensor, group_size: int, scale_dtype: str = "float32") -> torch.Tensor:
-    """Forward: dequantize(quantize(w)) in w's dtype. Backward: identity (straight-through estimator).
-    Written `fq + (w - w.detach())` rather than `w + (fq - w).detach()`: the same gradient, but the value
-    is fq exactly (x - x == 0 in floating point), which the bit-identity with Int4Linear needs."""
-    fq = dequantize_int4(*quantize_int4(w, group_size, scale_dtype), group_size).to(w.dtype)
-    return fq + (w - w.detach())
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (..., K) int8 in [-8, 7] → (..., ceil(K/2)) uint8: nibble = q + 8, even column in the low nibble."""
-    if q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"pack_int4 expects integer values, got {q.dtype}")
-    if q.numel() and (int(q.min()) < QMIN or int(q.max()) > QMAX):
-        raise ValueError(f"pack_int4: values must lie in [{QMIN}, {QMAX}], got [{int(q.min())}, {int(q.max())}]")
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    if u.shape[-1] % 2:
-        u = F.pad(u, (0, 1), value=8)  # one q = 0 pads an odd row
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """(..., B) uint8 → q (..., n) int8; n defaults to 2·B (pass the original length for odd rows)."""
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"unpack_int4 expects uint8, got {packed.dtype}")
-    n = 2 * packed.shape[-1] if n is None else n
-    if not 2 * packed.shape[-1] - 1 <= n <= 2 * packed.shape[-1]:
-        raise ValueError(f"unpack_int4: n={n} does not fit {packed.shape[-1]} bytes per row")
-    u = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)[..., :n]  # lo, hi, lo, hi …
-    return u.to(torch.int8) - 8
-
-
-# ---------------------------------------------------------------------------------------------- 2. the recipe
-LAYERS = {
-    "experts": "the routed experts' stacked weights only (slime's recipe for MoE models)",
-    "all_but_head": "experts + every nn.Linear except lm_head (attention, indexer, dense and shared MLPs, MTP)",
-    "linears": "experts + every nn.Linear including lm_head",
-}
-
-
-@dataclass
-class QuantConfig:
-    layers: str = "experts"  # one of LAYERS; embeddings, norms and the router always stay full precision
-    group_size: int = 32  # weights per scale along the input dim
-    scale_dtype: str = "float32"  # or "bfloat16" (half the scale bytes)
-
-    def __post_init__(self):
-        if self.layers not in LAYERS:
-            raise ValueError(f"layers={self.layers!r}: choose one of {sorted(LAYERS)}")
-        _check_group_size(self.group_size)
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r}: choose one of {sorted(SCALE_DTYPES)}")
-
-    def to_hf(self, source: str) -> dict:
-        """The `quantization_config` of an int4 config.json."""
-        return {"quant_method": QUANT_METHOD, "bits": 4, "symmetric": True, "group_size": self.group_size,
-                "layers": self.layers, "scale_dtype": self.scale_dtype, "range": [QMIN, QMAX],
-                "scale_rule": "amax/7.5", "packing": "uint8, nibble=q+8, even column in the low nibble",
-                "source": source}
-
-    @classmethod
-    def from_hf(cls, d: dict, where: str = "quantization_config") -> "QuantConfig":
-        if not isinstance(d, dict) or d.get("quant_method") != QUANT_METHOD:
-            got = d.get("quant_method") if isinstance(d, dict) else d
-            raise ValueError(f"{where}: quant_method={got!r}; this loader reads {QUANT_METHOD!r} checkpoints "
-                             "written by `python -m nanoglm5.quant convert`")
-        if d.get("bits") != 4 or d.get("symmetric") is not True:
-            raise ValueError(f"{where}: bits={d.get('bits')!r}, symmetric={d.get('symmetric')!r}; only "
-                             "symmetric 4-bit is supported: re-run `python -m nanoglm5.quant convert`")
-        try:
-            return cls(d.get("layers"), d.get("group_size"), d.get("scale_dtype", "float32"))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
-
-
-def _targets(model: GLM5, layers: str) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs a recipe quantizes: Experts, and nn.Linear unless layers == "experts"."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, Experts):
-            out.append((name, m))
-        elif isinstance(m, (nn.Linear, Int4Linear)) and layers != "experts":
-            if name == "lm_head" and layers != "linears":
-                continue
-            out.append((name, m))
-    return out
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-# ---------------------------------------------------------------------------------------------- 3. QAT
-class QATLinear(nn.Linear):
-    """nn.Linear whose `weight` reads fake-quantized (so `kv_b_proj.weight` in the absorbed attention sees
-    it too); the Parameter itself still lives in `_parameters["weight"]`, so names and the optimizer's
-    references do not change."""
-
-    group_size: int
-    scale_dtype: str
-
-    @property
-    def weight(self):
-        return fake_quant_int4(self.raw_weight, self.group_size, self.scale_dtype)
-
-    @property
-    def raw_weight(self) -> nn.Parameter:
-        p = self._parameters.get("weight")
-        if p is None:
-            raise AttributeError("QATLinear has no weight parameter")
-        return p
-
-
-class QATExperts(Experts):
-    """Stacked experts whose weights() hook (what both dispatch paths read) returns fake-quantized tensors."""
-
-    group_size: int
-    scale_dtype: str
-
-    def weights(self):
-        g, sd = self.group_size, self.scale_dtype
-        return fake_quant_int4(self.gate_up_proj, g, sd), fake_quant_int4(self.down_proj, g, sd)
-
-
-def prepare_qat(model: GLM5, layers: str = "experts", group_size: int = 32, scale_dtype: str = "float32") -> GLM5:
-    """Make the chosen layers fake-quantize their weights on every forward (in place; returns the model).
-    layers: "experts" | "all_but_head" | "linears" (see LAYERS). The recipe is kept in `model.qat_config`;
-    save it beside the checkpoint with `extra_files=qat_extra_files(model)` so convert reproduces it."""
-    qc = QuantConfig(layers, group_size, scale_dtype)
-    if getattr(model, "qat_config", None) is not None:
-        raise ValueError(f"the model is already prepared for QAT ({model.qat_config}); prepare it once")
-    if model.config.quantization_config is not None or any(isinstance(m, (Int4Linear, Int4Experts)) for m in model.modules()):
-        raise ValueError("the model already holds packed int4 weights; QAT needs a full-precision model "
-                         "(load the checkpoint from before `convert`)")
-    if layers == "linears" and model.config.tie_word_embeddings:
-        raise ValueError("layers='linears' would quantize lm_head, which is tied to the embeddings here; "
-                         "use layers='all_but_head'")
-    for _, m in _targets(model, layers):
-        m.__class__ = QATExperts if isinstance(m, Experts) else QATLinear  # re-class in place: same Parameters
-        m.group_size, m.scale_dtype = group_size, scale_dtype
-    model.qat_config = qc
-    return model
-
-
-def qat_extra_files(model: GLM5) -> dict:
-    """{"qat_config.json": writer} for checkpoint.save_hf(..., extra_files=...); {} for a non-QAT model."""
-    qc = getattr(model, "qat_config", None)
-    if qc is None:
-        return {}
-    return {"qat_config.json": lambda p: Path(p).write_text(json.dumps(dataclasses.asdict(qc), indent=2))}
-
-
+# ---------------------------------------------------------------------------------------------- recipes
 def read_qat_recipe(path: str | Path) -> QuantConfig | None:
     """The QAT recipe a checkpoint was trained with: qat_config.json, else train_config.json (in the directory
-    or its parent)'s "qat_config"
-    dict (or flat "qat": "int4" with optional "qat_layers" / "qat_group_size" / "qat_scale_dtype"); None if absent."""
+    or its parent)'s "qat_config" dict (or flat "qat": "int4" with optional "qat_layers" / "qat_group_size" /
+    "qat_scale_dtype"); None if absent."""
     path = Path(path)
     if (path / "qat_config.json").exists():
         return QuantConfig(**json.loads((path / "qat_config.json").read_text()))
@@ -274,83 +54,12 @@ def read_qat_recipe(path: str | Path) -> QuantConfig | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- 4. packed modules
-class Int4Linear(nn.Module):
-    """A Linear holding packed int4 weights (out, ceil(in/2)) uint8 + scales (out, ceil(in/g)); `weight`
-    dequantizes on every read (forward, and kv_b_proj's absorbed form), which is where memory is saved."""
-
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 scale_dtype: str = "float32", device=None):
-        super().__init__()
-        _check_group_size(group_size)
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("weight_packed", torch.zeros(out_features, -(-in_features // 2), dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, -(-in_features // group_size),
-                                                         dtype=SCALE_DTYPES[scale_dtype], device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, group_size: int, scale_dtype: str = "float32") -> "Int4Linear":
-        w = lin.raw_weight if isinstance(lin, QATLinear) else lin.weight
-        new = cls(lin.in_features, lin.out_features, group_size, lin.bias is not None, scale_dtype, device=w.device)
-        q, s = quantize_int4(w, group_size, scale_dtype)
-        new.weight_packed.copy_(pack_int4(q))
-        new.weight_scale.copy_(s)
-        if lin.bias is not None:
-            new.bias = nn.Parameter(lin.bias.detach().clone())
-        return new
-
-    @property
-    def weight(self) -> torch.Tensor:  # (out, in) fp32
-        return dequantize_int4(unpack_int4(self.weight_packed, self.in_features), self.weight_scale, self.group_size)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-
-
-class Int4Experts(Experts):
-    """Stacked experts as packed int4 + scales; weights() (the hook both dispatch paths read) dequantizes."""
-
-    def __init__(self, n_experts: int, hidden: int, inter: int, group_size: int, scale_dtype: str = "float32",
-                 device=None):
-        nn.Module.__init__(self)  # no full-precision Parameters
-        E, H, I, g = n_experts, hidden, inter, group_size
-        self.hidden, self.inter, self.group_size = H, I, g
-        sdt = SCALE_DTYPES[scale_dtype]
-        self.register_buffer("gate_up_proj_packed", torch.zeros(E, 2 * I, -(-H // 2), dtype=torch.uint8, device=device))
-        self.register_buffer("gate_up_proj_scale", torch.zeros(E, 2 * I, -(-H // g), dtype=sdt, device=device))
-        self.register_buffer("down_proj_packed", torch.zeros(E, H, -(-I // 2), dtype=torch.uint8, device=device))
-        self.register_buffer("down_proj_scale", torch.zeros(E, H, -(-I // g), dtype=sdt, device=device))
-        # follows model.to(dtype), so the dequantized experts match the activations' dtype
-        self.register_buffer("compute_dtype", torch.empty(0, device=device), persistent=False)
-
-    @classmethod
-    def from_experts(cls, ex: Experts, group_size: int, scale_dtype: str = "float32") -> "Int4Experts":
-        E, twoI, H = ex.gate_up_proj.shape
-        new = cls(E, H, twoI // 2, group_size, scale_dtype, device=ex.gate_up_proj.device)
-        new.compute_dtype = torch.empty(0, dtype=ex.gate_up_proj.dtype, device=ex.gate_up_proj.device)
-        for name in ("gate_up_proj", "down_proj"):
-            q, s = quantize_int4(getattr(ex, name), group_size, scale_dtype)
-            getattr(new, f"{name}_packed").copy_(pack_int4(q))
-            getattr(new, f"{name}_scale").copy_(s)
-        return new
-
-    def weights(self):
-        g, dt = self.group_size, self.compute_dtype.dtype
-        gate_up = dequantize_int4(unpack_int4(self.gate_up_proj_packed, self.hidden), self.gate_up_proj_scale, g)
-        down = dequantize_int4(unpack_int4(self.down_proj_packed, self.inter), self.down_proj_scale, g)
-        return gate_up.to(dt), down.to(dt)  # (E, 2I, H), (E, H, I)
-
-
 def _pack_model(model: GLM5, qc: QuantConfig, source: str) -> GLM5:
-    for name, m in _targets(model, qc.layers):
+    for name, m in quant_targets(model, qc.layers):
         if isinstance(m, Experts):
-            _set_module(model, name, Int4Experts.from_experts(m, qc.group_size, qc.scale_dtype))
+            set_module(model, name, Int4Experts.from_experts(m, qc.group_size, qc.scale_dtype))
         else:
-            _set_module(model, name, Int4Linear.from_linear(m, qc.group_size, qc.scale_dtype))
+            set_module(model, name, Int4Linear.from_linear(m, qc.group_size, qc.scale_dtype))
     model.config = model.config.replace(quantization_config=qc.to_hf(source))
     if hasattr(model, "qat_config"):
         del model.qat_config
@@ -358,7 +67,7 @@ def _pack_model(model: GLM5, qc: QuantConfig, source: str) -> GLM5:
 
 
 def _check_full_precision(model: GLM5) -> None:
-    if model.config.quantization_config is not None or any(isinstance(m, (Int4Linear, Int4Experts)) for m in model.modules()):
+    if is_packed(model):
         raise ValueError(f"the model is already int4 ({model.config.quantization_config}); quantize the "
                          "full-precision checkpoint it came from instead")
 
@@ -413,71 +122,12 @@ def weight_bytes(model: nn.Module) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- 5. checkpoints
-def save_int4(model: GLM5, path: str | Path, tokenizer_src: str | Path | None = None) -> Path:
-    """Write a packed model as a checkpoint directory (config.json with quantization_config, packed
-    tensors + scales in safetensors, tokenizer.json copied from tokenizer_src). Names follow
-    checkpoint.to_hf_state_dict: `model.layers.L.self_attn.q_a_proj.weight_packed` / `.weight_scale`,
-    stacked experts as `model.layers.L.mlp.experts.gate_up_proj_packed` / `_scale` (E, 2I, ·),
-    and a quantized head as `model.lm_head.weight_packed`."""
-    from nanoglm5 import checkpoint
-
-    if model.config.quantization_config is None:
-        raise ValueError("save_int4 needs a packed model: run ptq(model) or convert_qat(model) first")
-    extra = {}
-    if tokenizer_src is not None and Path(tokenizer_src).exists():
-        extra["tokenizer.json"] = lambda p: shutil.copyfile(tokenizer_src, p)
-    return checkpoint.save_hf(model, path, extra_files=extra)
-
-
-def load_int4(path: str | Path, device: str | torch.device = "cpu") -> GLM5:
-    """Build the packed model an int4 checkpoint describes (checkpoint.load_hf dispatches here)."""
-    from nanoglm5 import checkpoint
-    from nanoglm5.checkpoint import CheckpointError
-
-    cfg = checkpoint.read_config(path)
-    if cfg.quantization_config is None:
-        raise CheckpointError(f"{path} is not an int4 checkpoint (no quantization_config in config.json); "
-                              "use checkpoint.load_hf")
-    try:
-        qc = QuantConfig.from_hf(cfg.quantization_config, f"{path}/config.json quantization_config")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    with torch.device("meta"):
-        model = GLM5(cfg)
-    for name, m in _targets(model, qc.layers):  # empty packed modules with the shapes the recipe implies
-        if isinstance(m, Experts):
-            E, twoI, H = m.gate_up_proj.shape
-            new = Int4Experts(E, H, twoI // 2, qc.group_size, qc.scale_dtype, device="meta")
-        else:
-            new = Int4Linear(m.in_features, m.out_features, qc.group_size, m.bias is not None, qc.scale_dtype, device="meta")
-        _set_module(model, name, new)
-    sd = checkpoint.from_hf_state_dict(checkpoint.load_state(path), cfg)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(
-            f"{path}: the tensors do not match quantization_config (layers={qc.layers!r}, group_size={qc.group_size}, "
-            f"scale_dtype={qc.scale_dtype!r}): missing {missing[:4]}, unexpected {unexpected[:4]}, "
-            f"shape (name, file, expected) {bad[:3]}; the config was edited or the files come from another "
-            "conversion: re-run `python -m nanoglm5.quant convert`")
-    model.load_state_dict(sd, assign=True)
-    if cfg.tie_word_embeddings and not isinstance(model.lm_head, Int4Linear):
-        model.lm_head.weight = model.embed_tokens.weight
-    for m in model.modules():
-        if isinstance(m, Int4Experts):  # non-persistent, so still on meta
-            m.compute_dtype = torch.empty(0, dtype=model.embed_tokens.weight.dtype)
-    return model.to(device).eval()
-
-
+# ---------------------------------------------------------------------------------------------- convert
 def convert_checkpoint(checkpoint_dir: str | Path, out: str | Path, qc: QuantConfig | None = None,
                        mode: str = "convert") -> dict:
     """Checkpoint → int4 checkpoint. mode "convert": reproduce the QAT recipe found beside the checkpoint
     (PTQ with `qc` or the defaults when there is none); mode "ptq": ignore any recipe. Returns a summary."""
-    from nanoglm5 import checkpoint
-
-    cfg = checkpoint.read_config(checkpoint_dir)
+    cfg = read_config(checkpoint_dir)
     if cfg.quantization_config is not None:
         raise ValueError(f"{checkpoint_dir} is already an int4 checkpoint ({cfg.quantization_config.get('quant_method')}, "
                          f"group_size={cfg.quantization_config.get('group_size')}); convert the full-precision "
@@ -486,7 +136,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out: str | Path, qc: QuantCon
     if recipe is not None and qc is not None and qc != recipe:
         raise ValueError(f"{checkpoint_dir} was QAT-trained with {recipe}, but {qc} was asked: converting with "
                          "another recipe loses the bit-identity with training; drop the flags (or use `ptq`)")
-    model = checkpoint.load_hf(checkpoint_dir, device="cpu")
+    model = load_hf(checkpoint_dir, device="cpu")
     if recipe is not None:
         print(f"[nanoglm5] QAT checkpoint: packing with its recipe {recipe}")
         model = convert_qat(prepare_qat(model, recipe.layers, recipe.group_size, recipe.scale_dtype))

@@ -1,6 +1,6 @@
 """Scale calculator: what any preset (tiny → glm5_744b) costs, counted exactly or estimated on paper.
 
-Holds, for a ModelConfig (research/arch.md §2 and §5; DeepSeek-V3.2 §2.1 for DSA costs):
+Holds, for a ModelConfig (GLM-5 arXiv 2602.15763 §2; MLA's cache, DeepSeek-V2 §2.1; DSA costs, DeepSeek-V3.2 §2.1):
   - `meta_count(cfg)`: build GLM5 on the meta device (no memory, seconds even for 744B) and count numel;
     `param_counts(cfg)`: the same figures from config.py's analytic formulas (they must agree);
   - `active_params`, `matmul_params`: what one token touches (top-k + shared experts);
@@ -28,13 +28,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from nanoglm5.config import PRESETS, ModelConfig
+from nanoglm5.model import GLM5
 
 GiB = 2**30
 
 
 # ---------------------------------------------------------------------------------------------- parameter counts
 def param_counts(cfg: ModelConfig) -> dict:
-    """Exact parameter counts from config.py's formulas (arch.md §2). The router bias
+    """Exact parameter counts from config.py's formulas. The router bias
     (e_score_correction_bias) is a buffer in the model; `total` counts it as HF's 744B figure does."""
     return dict(
         total=cfg.num_params(),  # embedding + body + head, router bias included, no MTP
@@ -47,8 +48,6 @@ def param_counts(cfg: ModelConfig) -> dict:
 def meta_count(cfg: ModelConfig) -> dict:
     """Build GLM5 on the meta device (shapes only, no memory) and count numel of the parameters plus
     the router-bias buffers. Same keys as `param_counts`; the tests check that both agree."""
-    from nanoglm5.model import GLM5  # imported here so the calculator itself needs no model
-
     with torch.device("meta"):
         model = GLM5(cfg)
     params = dict(model.named_parameters())  # de-duplicates a tied embedding/head
@@ -141,7 +140,7 @@ def _routed_expert_params(cfg: ModelConfig, include_mtp: bool = False) -> int:
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str, include_mtp: bool = False, group_size: int = 128) -> float:
-    """Bytes of the weights. int4 as slime's INT4 QAT for GLM-5 (int4_serve_data.md A3): the routed
+    """Bytes of the weights. int4 as slime's INT4 QAT for GLM-5 (GLM-5 §2.4.3): the routed
     experts only, symmetric, one bf16 scale per group of `group_size` weights (4 + 16/g bits each); every other
     weight stays bf16."""
     n = cfg.num_params(include_mtp=include_mtp)
@@ -165,7 +164,7 @@ def adam_bytes(cfg: ModelConfig, include_mtp: bool = True) -> dict:
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int = 1, bytes_per_value: int = 2) -> dict:
-    """KV cache (arch.md §5). Compressed: per layer the MLA latent + shared rope key + the indexer key.
+    """KV cache (DeepSeek-V2 §2.1.2). Compressed: per layer the MLA latent + shared rope key + the indexer key.
     Expanded: per-head K (d_qk) and V (d_v), as the HF transformers path caches them."""
     L, b = cfg.num_hidden_layers, bytes_per_value
     mla = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * b

@@ -1,11 +1,11 @@
-"""OpenAI-compatible HTTP server around engine.py (research/int4_serve_data.md §B1, DESIGN.md §7).
+"""OpenAI-compatible HTTP server around engine.py: /v1/chat/completions, /v1/completions, /v1/models, /health,
+and at `/` a chat page (chat.html: one self-contained file that talks to the same endpoints).
 
-Holds, top to bottom: OpenAI's error shape and the handlers that turn FastAPI's 422 into 400 (as vLLM and
-SGLang do); the request schemas (strict types, unknown fields accepted and ignored, as vLLM does);
-`EngineWorker`, the one background thread that owns the engine and steps it while any request is live,
-feeding each HTTP request's asyncio queue; text assembly (incremental detokenization, stop strings,
-streaming hold-back); and `create_app`, the FastAPI app with /v1/chat/completions, /v1/completions,
-/v1/models and /health.
+Holds, top to bottom: `EngineWorker`, the one background thread that owns the engine and steps it while any
+request is live, feeding each HTTP request's asyncio queue; text assembly (incremental detokenization, stop
+strings cut with the engine's `find_stop`, streaming hold-back); `create_app`, the FastAPI app; and the
+request → SamplingParams validation and the response assembly (plain and SSE streaming). The OpenAI schemas,
+error shape and log-prob objects are in api.py.
 
 Concurrency: every request only tokenizes, submits to the worker and awaits its queue, so concurrent
 requests share the engine's running batch (continuous batching). Beyond max_batch running sequences
@@ -27,103 +27,28 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from nanoglm5.engine import Engine, SamplingParams
+from nanoglm5.api import (
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    add_error_handlers,
+    chat_logprob,
+    completion_logprobs,
+    param_path,
+    range_error,
+    to_json,
+)
+from nanoglm5.checkpoint import load_hf
+from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.engine import Engine, SamplingParams, find_stop
 
-MAX_N = 16  # choices per request
-MAX_TOP_LOGPROBS = 20
-
-
-# ---------------------------------------------------------------------------------------------- errors
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.type = type or {400: "invalid_request_error", 404: "NotFoundError", 429: "rate_limit_exceeded",
-                             500: "internal_error"}.get(status, "error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-async def _validation_handler(request: Request, exc: RequestValidationError):
-    """FastAPI answers bad bodies with 422; OpenAI servers say 400 and name the field (vLLM's handler)."""
-    errs = exc.errors()
-    first = errs[0] if errs else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    msg = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
-    elif loc:
-        msg = f"{'.'.join(loc)}: {msg}"
-    return _error_response(APIError(400, msg, ".".join(loc) or None, "BadRequestError"))
-
-
-async def _api_error_handler(request: Request, exc: APIError):
-    return _error_response(exc)
-
-
-async def _http_handler(request: Request, exc: StarletteHTTPException):
-    return _error_response(APIError(exc.status_code, str(exc.detail), None, "NotFoundError" if exc.status_code == 404
-                                    else "invalid_request_error"))
-
-
-# ---------------------------------------------------------------------------------------------- request schemas
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # wrong types → 400; unknown fields ignored (vLLM)
-
-
-class ContentPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    # developer = system and tool = observation in GLM's template
-    role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Common(_Strict):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # vLLM extra
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM extra
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
+CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
 
 
 # ---------------------------------------------------------------------------------------------- engine worker
@@ -161,8 +86,9 @@ class EngineWorker:
         """Queue one engine request per (prompt, params); 429 when the server is full."""
         with self.lock:
             if self.live + len(prompts) > self.engine.max_batch + self.max_queue:
-                raise APIError(429, f"server busy: {self.live} requests in flight, limit max_batch + max_queue = "
-                                    f"{self.engine.max_batch + self.max_queue}; retry later")
+                raise APIError(429, f"Rate limit reached: the server is busy with {self.live} requests in flight, "
+                                    f"limit max_batch + max_queue = {self.engine.max_batch + self.max_queue}; "
+                                    "retry later", code="rate_limit_exceeded")
             self.live += len(prompts)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         rids = []
@@ -197,8 +123,12 @@ class EngineWorker:
                 if rid in self.subs:  # not aborted before it arrived
                     try:
                         self.engine.add_request(p, sp, request_id=rid)
-                    except ValueError as e:
-                        self._push(rid, ("error", APIError(400, str(e))), final=True)
+                    except ValueError as e:  # a limit the server's own checks did not catch
+                        self._push(rid, ("error", APIError(400, str(e), code="invalid_value")), final=True)
+                    except Exception as e:  # never let one request kill the worker thread
+                        traceback.print_exc()
+                        self._push(rid, ("error", APIError(500, f"The server had an error while processing your "
+                                                                f"request: {type(e).__name__}: {e}")), final=True)
             elif msg[0] == "abort":
                 if self.engine.abort(msg[1]) or msg[1] in self.subs:
                     self._push(msg[1], ("error", APIError(499, "aborted")), final=True)
@@ -216,13 +146,13 @@ class EngineWorker:
                 events = self.engine.step()
             except Exception as e:  # fail what is in flight, keep serving
                 traceback.print_exc()
-                for rid in list(self.engine.running) + [r.id for r in self.engine.waiting]:
-                    self.engine.abort(rid)
-                    self._push(rid, ("error", APIError(500, f"engine error: {type(e).__name__}: {e}")), final=True)
+                for rid in self.engine.abort_all():
+                    self._push(rid, ("error", APIError(500, f"The server had an error while processing your "
+                                                            f"request: engine error: {type(e).__name__}: {e}")),
+                               final=True)
                 continue
             for ev in events:
-                top = self.engine.last_top.get(ev.request_id)
-                self._push(ev.request_id, ("token", ev.token_id, ev.logprob, top, ev.completion),
+                self._push(ev.request_id, ("token", ev.token_id, ev.logprob, ev.top_logprobs, ev.completion),
                            final=ev.completion is not None)
 
 
@@ -245,7 +175,7 @@ class TextState:
         if token_id not in self.stop_ids:
             self.ids.append(token_id)
         text = self.tok.decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = find_stop(text, self.stop)
         if cut >= 0:
             text, self.stopped, final = text[:cut], True, True
         self.text = text
@@ -268,13 +198,12 @@ class TextState:
 class ServerLimits:
     max_seq_len: int
     default_max_tokens: int  # chat requests without max_tokens: min(this, what the context leaves)
+    vocab_size: int
+    max_tokens_in_flight: int  # the engine admits no request with prompt + max_tokens above this
 
 
 def _load(source, device):
     if isinstance(source, (str, Path)):
-        from nanoglm5.checkpoint import load_hf
-        from nanoglm5.tokenizer import Tokenizer
-
         path = Path(source)
         if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the server needs the checkpoint's tokenizer; "
@@ -286,15 +215,16 @@ def _load(source, device):
 
 def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192, max_seq_len: int | None = None,
                max_queue: int = 64, model_name: str | None = None, default_max_tokens: int = 256,
-               device: str | None = None) -> FastAPI:
-    """source: a checkpoint directory (config.json, model.safetensors, tokenizer.json) or (model, tokenizer)."""
+               device: str | None = None, engine_options: dict | None = None) -> FastAPI:
+    """source: a checkpoint directory (config.json, model.safetensors, tokenizer.json) or (model, tokenizer).
+    engine_options: more Engine arguments (speculative="mtp", dtype=torch.bfloat16, graphs=...)."""
     model, tok, default_name = _load(source, device)
     model.eval()
     engine = Engine(model, tok, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
-                    max_seq_len=max_seq_len, device=device)
+                    max_seq_len=max_seq_len, device=device, **(engine_options or {}))
     worker = EngineWorker(engine, max_queue)
     name = model_name or default_name
-    limits = ServerLimits(engine.max_seq_len, default_max_tokens)
+    limits = ServerLimits(engine.max_seq_len, default_max_tokens, engine.cfg.vocab_size, engine.max_tokens_in_flight)
     created = int(time.time())
 
     @asynccontextmanager
@@ -305,13 +235,16 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
 
     app = FastAPI(title="nanoGLM5", lifespan=lifespan)
     app.state.engine, app.state.worker, app.state.model_name = engine, worker, name
-    app.add_exception_handler(RequestValidationError, _validation_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(APIError, _api_error_handler)
+    add_error_handlers(app)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def chat_page():
+        return CHAT_PAGE.read_text(encoding="utf-8")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+        # live: requests the worker holds (submitted, not yet finished or aborted); running/waiting: the engine's
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting), "live": worker.live}
 
     @app.get("/v1/models")
     async def models():
@@ -330,16 +263,17 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         n_top = _range("top_logprobs", body.top_logprobs or 0, 0, MAX_TOP_LOGPROBS)
         if n_top and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
         logprobs = max(n_top, 1) if body.logprobs else 0
-        params = _params(body, [prompt], max_tokens, limits, logprobs, "messages", list(tok.stop_ids))
+        params = _params(body, [prompt], max_tokens, limits, logprobs, "messages", list(tok.stop_ids),
+                         "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         return await _respond(request, worker, tok, body, [prompt], params, name, chat=True, n_top=n_top)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, name)
         if body.echo:
-            raise APIError(400, "echo is not supported by this server; send echo: false", "echo")
+            raise APIError(400, "echo is not supported by this server; send echo: false", "echo", "unsupported_value")
         p = body.prompt
         if isinstance(p, str):
             prompts = [tok.encode(p)]
@@ -348,7 +282,7 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
         else:
             prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in p]
         if not prompts:
-            raise APIError(400, "prompt is empty", "prompt")
+            raise APIError(400, "Invalid 'prompt': empty array. Expected at least one prompt.", "prompt", "empty_array")
         n_top = _range("logprobs", body.logprobs or 0, 0, MAX_TOP_LOGPROBS)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's legacy default
         params = _params(body, prompts, max_tokens, limits, n_top, "prompt", [tok.eos_id])
@@ -361,39 +295,53 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
 def _check_model(requested, name):
     if requested is not None and requested != name:
         raise APIError(404, f"The model `{requested}` does not exist; this server serves `{name}` (GET /v1/models)",
-                       "model")
+                       "model", "model_not_found")
 
 
 def _range(param, value, lo, hi):
     if not lo <= value <= hi:
-        raise APIError(400, f"{param}={value} is out of range: it must be between {lo} and {hi}", param)
+        raise range_error(param, value, lo, hi)
     return value
 
 
-def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_param, stop_ids) -> list[SamplingParams]:
+def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_param, stop_ids,
+            max_tokens_param: str = "max_tokens") -> list[SamplingParams]:
     """Validate the sampling fields against the limits; one SamplingParams per (prompt, choice)."""
     _range("n", body.n, 1, MAX_N)
     top_p = 1.0 if body.top_p is None else body.top_p
     if not 0 < top_p <= 1:
-        raise APIError(400, f"top_p={top_p} is out of range: it must be in (0, 1]", "top_p")
+        raise APIError(400, f"Invalid 'top_p': {top_p} is out of range: it must be in (0, 1]", "top_p",
+                       "decimal_above_max_value" if top_p > 1 else "decimal_below_min_value" if top_p <= 0
+                       else "invalid_value")
     temperature = _range("temperature", 1.0 if body.temperature is None else body.temperature, 0, 2)
     top_k = _range("top_k", body.top_k or 0, 0, 1 << 30)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stop):
-        raise APIError(400, "stop strings must be non-empty", "stop")
+        raise APIError(400, "stop strings must be non-empty", "stop", "invalid_value")
+    if body.seed is not None:  # torch.Generator takes a signed or unsigned 64-bit seed; choice i uses seed + i
+        _range("seed", body.seed, -(1 << 63), (1 << 63) - MAX_N)
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
-        raise APIError(400, "the prompt is empty", prompt_param)
-    if longest >= limits.max_seq_len:
-        raise APIError(400, f"the prompt has {longest} tokens, but the context is max_seq_len={limits.max_seq_len} "
-                            "tokens (prompt + completion); shorten the prompt", prompt_param)
-    room = limits.max_seq_len - longest
+        raise APIError(400, "the prompt is empty", prompt_param, "invalid_value")
+    for i, p in enumerate(prompts):
+        for j, t in enumerate(p):
+            if not 0 <= t < limits.vocab_size:
+                where = param_path([prompt_param] + ([i] if len(prompts) > 1 else []) + [j])
+                raise APIError(400, f"Invalid '{where}': token id {t} is outside the vocabulary [0, "
+                                    f"{limits.vocab_size})", where, "invalid_value")
+    context = min(limits.max_seq_len, limits.max_tokens_in_flight)
+    what = (f"max_seq_len={limits.max_seq_len}" if context == limits.max_seq_len else
+            f"max_tokens_in_flight={limits.max_tokens_in_flight}")
+    if longest >= context:
+        raise APIError(400, f"This model's maximum context length is {what} tokens (prompt + completion), but the "
+                            f"prompt has {longest} tokens; shorten the prompt", prompt_param, "context_length_exceeded")
+    room = context - longest
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, room)
     if max_tokens < 1 or max_tokens > room:
-        raise APIError(400, f"max_tokens={max_tokens} is out of range: the prompt has {longest} tokens and the "
-                            f"context is max_seq_len={limits.max_seq_len}, so max_tokens must be between 1 and {room}",
-                       "max_tokens")
+        raise APIError(400, f"Invalid '{max_tokens_param}': {max_tokens} is out of range: the prompt has {longest} "
+                            f"tokens and the context is {what}, so {max_tokens_param} must be between 1 and {room}",
+                       max_tokens_param, "integer_below_min_value" if max_tokens < 1 else "invalid_value")
     out = []
     for _ in prompts:
         for i in range(body.n):
@@ -412,18 +360,6 @@ async def _events(request: Request, q: asyncio.Queue):
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise ConnectionError("client disconnected") from None
-
-
-def _token_str(tok, i: int) -> str:
-    return tok.decode([i])
-
-
-def _chat_logprob(tok, t, top, n_top):
-    best = sorted(top.items(), key=lambda kv: -kv[1])[:n_top]
-    s = _token_str(tok, t)
-    return {"token": s, "logprob": top[t], "bytes": list(s.encode()),
-            "top_logprobs": [{"token": _token_str(tok, i), "logprob": v, "bytes": list(_token_str(tok, i).encode())}
-                             for i, v in best]}
 
 
 async def _respond(request, worker, tok, body, prompts, params, name, chat: bool, n_top):
@@ -459,8 +395,8 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
                         break
         except ConnectionError:  # nobody is listening any more: free the slots
             worker.abort(rids)
-            return JSONResponse(APIError(499, "client disconnected").body(), status_code=499)
-        except asyncio.CancelledError:
+            return JSONResponse(APIError(499, "client disconnected", code="client_disconnected").body(), status_code=499)
+        except (asyncio.CancelledError, Exception):  # the handler's own failure (a 500): free the slots too
             worker.abort(rids)
             raise
         choices = []
@@ -469,11 +405,11 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
             if chat:
                 c["message"] = {"role": "assistant", "content": st.text}
                 if want_logprobs:
-                    c["logprobs"] = {"content": [_chat_logprob(tok, t, top, n_top) for t, top in logs[i]]}
+                    c["logprobs"] = {"content": [chat_logprob(tok, t, top, n_top) for t, top in logs[i]]}
             else:
                 c["text"] = st.text
                 if want_logprobs:
-                    c["logprobs"] = _completion_logprobs(tok, logs[i], n_top)
+                    c["logprobs"] = completion_logprobs(tok, logs[i], n_top)
             choices.append(c)
         return {"id": rid, "object": obj, "created": created, "model": name, "choices": choices, "usage": finish_usage()}
 
@@ -484,7 +420,7 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
         c = {"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": choices}
         if include_usage:
             c["usage"] = usage_
-        return f"data: {_json(c)}\n\n"
+        return f"data: {to_json(c)}\n\n"
 
     async def stream():
         done = 0
@@ -496,15 +432,15 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
             async for idx, kind, *rest in _events(request, q):
                 if kind == "error":
                     err = rest[0]
-                    yield f"data: {_json(err.body())}\n\n"  # after the 200 header, errors go out as a chunk
+                    yield f"data: {to_json(err.body())}\n\n"  # after the 200 header, errors go out as a chunk
                     break
                 t, _, top, comp = rest
                 was_stopped = states[idx].stopped
                 delta = states[idx].add(t, final=comp is not None)
                 lp = None
                 if want_logprobs and t not in stop_ids and not was_stopped:
-                    lp = {"content": [_chat_logprob(tok, t, top, n_top)]} if chat else \
-                        _completion_logprobs(tok, [(t, top)], n_top)
+                    lp = {"content": [chat_logprob(tok, t, top, n_top)]} if chat else \
+                        completion_logprobs(tok, [(t, top)], n_top)
                 if delta or lp is not None:
                     c = {"index": idx, "logprobs": lp, "finish_reason": None}
                     c.update({"delta": {"content": delta}} if chat else {"text": delta})
@@ -520,28 +456,14 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
             if include_usage:
                 yield chunk([], finish_usage())
             yield "data: [DONE]\n\n"
+        except ConnectionError:  # nobody is listening any more
+            return
+        except Exception as e:  # after the 200 header a failure can only be reported as an error chunk
+            traceback.print_exc()
+            err = APIError(500, f"The server had an error while processing your request: {type(e).__name__}: {e}")
+            yield f"data: {to_json(err.body())}\n\n"
         finally:
             if done < len(params):  # client gone (or error): free the slots
                 worker.abort(rids)
 
     return StreamingResponse(stream(), media_type="text/event-stream")
-
-
-def _completion_logprobs(tok, items, n_top):
-    tokens, lps, tops, offs, pos = [], [], [], [], 0
-    for t, top in items:
-        s = _token_str(tok, t)
-        tokens.append(s)
-        lps.append(top[t])
-        tops.append({_token_str(tok, i): v for i, v in sorted(top.items(), key=lambda kv: -kv[1])[:n_top]})
-        offs.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-

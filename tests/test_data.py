@@ -1,15 +1,18 @@
-"""Corpus, filters and data/prepare.py: known answers on small fixtures, bad input, determinism, end to end."""
+"""The data room (nanoglm5/data: corpus, tasks, filters, shards) and data/prepare.py: known answers on small fixtures, bad input, determinism, end to end."""
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nanoglm5 import corpus, filters
+from nanoglm5.data import corpus, filters, shards, tasks
+from nanoglm5.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "data" / "fixtures"
@@ -41,13 +44,13 @@ def dataset(docs, tmp_path_factory):
 # --- math --------------------------------------------------------------------------------------
 
 def test_math_problems_verifiable_and_deterministic():
-    probs = corpus.math_problems(200, seed=3)
-    assert probs == corpus.math_problems(200, seed=3) and probs != corpus.math_problems(200, seed=4)
-    assert {p["kind"] for p in probs} == set(corpus.MATH_KINDS)
+    probs = tasks.math_problems(200, seed=3)
+    assert probs == tasks.math_problems(200, seed=3) and probs != tasks.math_problems(200, seed=4)
+    assert {p["kind"] for p in probs} == set(tasks.MATH_KINDS)
     for p in probs:
         assert set(p) == {"question", "answer", "solution", "kind"}
         assert p["solution"].endswith(f"Answer: {p['answer']}")
-        assert corpus.check_math_answer(p["solution"], p["answer"])
+        assert tasks.check_math_answer(p["solution"], p["answer"])
         assert filters.math_signals(p["solution"])[1] == 1.0  # every worked step recomputes exactly
 
 
@@ -56,7 +59,15 @@ def test_math_problems_verifiable_and_deterministic():
     ("#### 1,000", "1000", True), ("\\boxed{12} and then 13", "12", True), ("5 apples, then 7", "5", False),
     ("no number here", "1", False), ("Answer: 6/8", "3/4", True), ("answer: 2", "-2", False), ("", "0", False)])
 def test_check_math_answer(text, answer, ok):
-    assert corpus.check_math_answer(text, answer) is ok
+    assert tasks.check_math_answer(text, answer) is ok
+
+
+def test_data_room_never_imports_rl():
+    """SFT data and RL share the tasks in data/tasks.py; the data room itself stays below the RL room."""
+    code = ("import sys, nanoglm5.data.sft, nanoglm5.data.shards, nanoglm5.data.filters; "
+            "print(sorted(m for m in sys.modules if m.startswith('nanoglm5.rl')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 # --- corpus and bad input ----------------------------------------------------------------------
@@ -116,7 +127,7 @@ def test_hf_source_reads_a_local_dataset_dir(tmp_path):
 
 def test_load_tokens_missing_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="python data/prepare.py"):
-        corpus.load_tokens(tmp_path, "train")
+        shards.load_tokens(tmp_path, "train")
 
 
 # --- filters -----------------------------------------------------------------------------------
@@ -146,7 +157,7 @@ def test_dedup_finds_planted_duplicates(dataset):
 def trained(dataset):
     prep = _prepare()
     args = prep.parse_args(["--out-dir", "unused"])
-    return prep.train_filters(dataset, args, corpus, filters)
+    return prep.train_filters(dataset, args)
 
 
 def test_quality_classifier(trained, dataset):
@@ -178,7 +189,7 @@ def test_language_classifier(trained):
 def test_math_judge(trained):
     _, _, judge, metrics = trained
     assert metrics["math_judge"]["auc"] >= 0.95
-    probs = corpus.math_problems(60, seed=99)  # problems it never saw
+    probs = tasks.math_problems(60, seed=99)  # problems it never saw
     import random
     r = random.Random(0)
     good = judge.score([f"Problem: {p['question']}\nSolution:\n{p['solution']}" for p in probs])
@@ -197,7 +208,6 @@ OUTPUTS = ["mixture.parquet", "knowledge.jsonl", "tokenizer.json", "tokens/train
 
 @pytest.mark.slow
 def test_prepare_end_to_end_and_deterministic(tmp_path):
-    from nanoglm5.tokenizer import Tokenizer
     prep = _prepare()
     a, b = tmp_path / "a", tmp_path / "b"
     stats = prep.main(SMALL + ["--out-dir", str(a)])
@@ -210,9 +220,9 @@ def test_prepare_end_to_end_and_deterministic(tmp_path):
     meta = json.loads((a / "tokens/meta.json").read_text())
     tok = Tokenizer.load(a)
     assert meta["vocab_size"] == tok.vocab_size <= 600 and meta["dtype"] == "uint16"
-    train = corpus.load_tokens(a, "train")
+    train = shards.load_tokens(a, "train")
     assert len(train) == meta["n_train_tokens"] > 10_000 and train.max() < tok.vocab_size
-    assert len(corpus.load_tokens(a, "val")) == meta["n_val_tokens"] > 0
+    assert len(shards.load_tokens(a, "val")) == meta["n_val_tokens"] > 0
     first = int(np.argmax(np.asarray(train) == tok.eos_id))
     import pyarrow.parquet as pq
     mix = pq.read_table(a / "mixture.parquet").to_pylist()
@@ -230,11 +240,3 @@ def test_prepare_hf_offline_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         _prepare().main(["--out-dir", str(tmp_path), "--source", "hf:someone/data"])
     assert "offline" in str(e.value) and "python data/prepare.py" in str(e.value)
-
-
-@pytest.mark.slow
-def test_notebook_runs():
-    import nbformat
-    from nbclient import NotebookClient
-    nb = nbformat.read(ROOT / "notebooks" / "01_data.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()

@@ -1,5 +1,8 @@
 """Inference engine: cache == recompute (greedy), batching == one at a time, seeded sampling, sampled-distribution
-log-probs, absorbed MLA == expanded, admission limits, stop conditions, abort, weights changed between steps."""
+log-probs (in the completion and in each step event), absorbed MLA == expanded, admission limits, stop conditions,
+abort, weights changed between steps, DSA tie-breaking chosen per forward (never set on the caller's model); the
+lean forward (decode.py) == the model's forward for the main stack and the MTP layer, graph-bucket padding ==
+unpadded, in-place weight refresh, bf16, and bench/gpu.py's guard on a machine without CUDA."""
 
 import math
 
@@ -42,11 +45,12 @@ def _prompts(n, seed=1, lo=2, hi=24):
 
 
 def _recompute_greedy(model, prompt, n):
-    """The reference: the full no-cache forward (training code path) over the whole sequence at every step."""
+    """The reference: the full no-cache forward (training code path) over the whole sequence at every step,
+    breaking DSA ties by position as the engine does."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids]), tie_break="stable").logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -86,7 +90,7 @@ def test_logprobs_are_of_the_sampled_distribution(model):
     out = Engine(model).generate([prompt], p)[0]
     ids = prompt + out.token_ids
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+        logits = model(torch.tensor([ids]), tie_break="stable").logits[0, len(prompt) - 1 : -1]
     want = (logits / 0.7).log_softmax(-1).gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert out.logprobs == pytest.approx(want.tolist(), abs=1e-4)
     raw = logits.log_softmax(-1)
@@ -94,6 +98,21 @@ def test_logprobs_are_of_the_sampled_distribution(model):
         assert top[tok] == pytest.approx(float(raw[t, tok]), abs=1e-4)  # the sampled token's raw log-prob
         best = raw[t].topk(3).indices.tolist()
         assert set(best) <= set(top)
+
+
+def test_step_events_carry_top_logprobs(model):
+    """What a streaming server sends with each token: the step event's top log-probs == the completion's."""
+    eng = Engine(model, max_batch=2)
+    a = eng.add_request(_prompts(1, seed=5)[0], SamplingParams(max_tokens=5, temperature=0.7, seed=0, logprobs=3))
+    b = eng.add_request(_prompts(1, seed=6)[0], SamplingParams(max_tokens=5, temperature=0))
+    tops, done = {a: [], b: []}, {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            tops[ev.request_id].append(ev.top_logprobs)
+            if ev.completion is not None:
+                done[ev.request_id] = ev.completion
+    assert tops[a] == done[a].top_logprobs and all(len(t) >= 3 for t in tops[a])
+    assert tops[b] == [None] * 5 and done[b].top_logprobs is None
 
 
 def test_sampling_logprobs_top_k_top_p():
@@ -185,6 +204,10 @@ def test_abort_frees_slot(model):
     evs = [ev for _ in range(3) for ev in eng.step()]
     assert [e.request_id for e in evs] == [b] * 3 and evs[-1].completion is not None
     assert not eng.abort("nope")
+    c = eng.add_request([1, 2], SamplingParams(max_tokens=50))
+    d = eng.add_request([3, 4], SamplingParams(max_tokens=50))
+    eng.step()
+    assert eng.abort_all() == [c, d] and not eng.has_unfinished() and eng.free_slots == [0]
 
 
 def test_new_weights_between_steps(model):
@@ -211,15 +234,100 @@ def test_cache_equals_recompute_with_index_score_ties():
     torch.manual_seed(0)
     model = GLM5(ModelConfig.preset("tiny", vocab_size=256, index_topk=6)).eval()
     eng = Engine(model, max_batch=2)
-    assert all(layer.self_attn.tie_break == "stable" for layer in model.layers)
+    assert eng.tie_break == "stable"
     prompts = _prompts(2, seed=7, lo=10, hi=30)
     outs = eng.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == _recompute_greedy(model, prompt, 20)
-    # and the reference-exact mode really differs on such ties somewhere (why the switch exists)
+    # and the reference-exact mode (the model's default, untouched by the engine) really differs on such ties
     x = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        stable = model(x).logits
-        model.set_tie_break("topk")
+        stable = model(x, tie_break="stable").logits
         ref = model(x).logits
+        assert torch.equal(ref, model(x, tie_break="topk").logits)
     assert (stable - ref).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="tie_break"):
+        Engine(model, tie_break="random")
+    with pytest.raises(ValueError, match="tie_break"):
+        model(x, tie_break="random")
+
+
+def test_lean_forward_equals_model_forward(model):
+    """decode.py's prefill over right-padded rows == the model's own forward at every real position, for the main
+    stack and for the MTP layer (fed the main hidden states), with DSA selecting (index_topk 8 < 20 tokens)."""
+    eng = Engine(model, max_batch=3, speculative="mtp")
+    g = torch.Generator().manual_seed(0)
+    lens = [20, 13]
+    ids = torch.randint(0, 256, (2, 20), generator=g)
+    ids[1, 13:] = 0
+    hidden, logits = eng.decoder.run("main", ids, [0, 0], [2, 0])  # slots out of order: the gathered read
+    cfg = model.config
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            ref = model(ids[b:b + 1, :n], tie_break="stable")
+            assert torch.allclose(logits[b, :n], ref.logits[0], rtol=1e-4, atol=1e-4)
+            assert torch.allclose(hidden[b, :n], ref.hidden[0], rtol=1e-4, atol=1e-5)
+        # the MTP layer at positions 0..n-2 reads h_i and x_{i+1} (model.MTPLayer, as in the MTP loss)
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+        _, mtp_logits = eng.decoder.run("mtp", nxt, [0, 0], [2, 0], h_prev=hidden)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n - 1)[None]
+            cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta)
+            h_ref = model.mtp[0](hidden[b:b + 1, : n - 1], model.embed_tokens(ids[b:b + 1, 1:n]), cos, sin, pos,
+                                 tie_break="stable")[0]
+            assert torch.allclose(mtp_logits[b, : n - 1], model.lm_head(h_ref)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_graph_buckets_pad_and_match_eager(model):
+    """graphs="eager": the CUDA-graph path's padding to batch buckets (scratch slot, attention over the whole
+    capacity) run eagerly; same greedy tokens as unpadded decoding, with requests joining and leaving."""
+    prompts = _prompts(6, seed=9)
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (6, 15, 3, 11, 8, 13)]
+    plain = [c.token_ids for c in Engine(model, max_batch=8).generate(prompts, params)]
+    eng = Engine(model, max_batch=8, graphs="eager", max_seq_len=64)
+    assert eng.graph_buckets == [1, 2, 4, 8]
+    assert [c.token_ids for c in eng.generate(prompts, params)] == plain
+    assert {k[2] for k in eng.decoder.graphs} >= {4, 8}  # 6 running → bucket 8, later fewer → 4, 2, 1
+    assert [c.token_ids for c in Engine(model, max_batch=8, graphs="eager", graph_buckets=[4]).generate(
+        prompts, params)] == plain  # 5+ running: beyond the largest bucket, eager
+    d, ids = eng.decoder, torch.tensor([[5], [7], [9]])
+    for slot, n in zip((0, 3, 5), (12, 20, 7)):
+        d.cache.lengths[slot] = n
+    with torch.inference_mode():
+        h1, l1 = d.run("main", ids, [12, 20, 7], [0, 3, 5])
+        h2, l2 = d.run_static("main", ids, [12, 20, 7], [0, 3, 5], bucket=4)
+    assert l2.shape == l1.shape and torch.allclose(l1, l2, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, graphs="cuda")
+
+
+def test_weights_refreshed_in_place(model):
+    """New weights loaded in place between steps: the derived matrices are updated in place (what a captured CUDA
+    graph reads) and the output is that of a fresh engine on the new weights."""
+    m = _model(seed=0)
+    eng = Engine(m, max_batch=2, graphs="eager")
+    prompt = _prompts(1, seed=10)[0]
+    eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
+    wa = eng.decoder.weights.layers[0].attn.WA
+    m.load_state_dict(_model(seed=1).state_dict())
+    got = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    assert eng.decoder.weights.layers[0].attn.WA is wa and eng.decoder.graphs
+    assert got == Engine(m, max_batch=1).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    assert got == _recompute_greedy(m, prompt, 8)
+
+
+def test_bf16_engine_runs():
+    """The GPU default precision on CPU: bf16 weights and cache, fp32 routing, index scores and sampling."""
+    m = _model()
+    eng = Engine(m, max_batch=2, dtype=torch.bfloat16, speculative="mtp")
+    assert eng.cache.kv.dtype == torch.bfloat16 and m.embed_tokens.weight.dtype == torch.bfloat16
+    outs = eng.generate(_prompts(2, seed=11), SamplingParams(max_tokens=6, temperature=1.0, seed=0))
+    assert all(len(o.token_ids) == 6 and all(math.isfinite(x) and x <= 0 for x in o.logprobs) for o in outs)
+
+
+def test_bench_gpu_without_cuda_says_so_and_exits_0(capsys, monkeypatch):
+    import bench.gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.gpu.main([]) == 0
+    assert "no CUDA" in capsys.readouterr().out

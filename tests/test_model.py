@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from conftest import require
 
 from nanoglm5.checkpoint import load_hf, save_hf
 from nanoglm5.config import ModelConfig
-from nanoglm5.model import GLM5
+from nanoglm5.model import GLM5, rope_cos_sin
 
 # random small configs: dense + MoE layers, index_topk below the sequence, grouped routing, biases, ties
 PARITY_CONFIGS = [
@@ -19,8 +20,12 @@ PARITY_CONFIGS = [
 ]
 
 
+ORACLE = "the reference oracle of the parity tests (requirements-dev.txt pins transformers)"
+
+
 def _hf_model(cfg: ModelConfig, seed: int):
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    transformers = require("transformers", ORACLE)
+    GlmMoeDsaConfig, GlmMoeDsaForCausalLM = transformers.GlmMoeDsaConfig, transformers.GlmMoeDsaForCausalLM
 
     torch.manual_seed(seed)
     d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
@@ -37,7 +42,7 @@ def _hf_model(cfg: ModelConfig, seed: int):
 
 @pytest.mark.parametrize("overrides", PARITY_CONFIGS)
 def test_logits_equal_transformers_both_directions(overrides, tmp_path):
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = require("transformers", ORACLE).AutoModelForCausalLM
 
     cfg = ModelConfig.preset("tiny", **overrides)
     hf = _hf_model(cfg, seed=len(overrides))
@@ -85,20 +90,33 @@ def test_causality_changing_the_future_leaves_the_past(impl):
     assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max().item() > 1e-2
 
 
-def test_topk_selection_never_contains_the_future():
-    model = _tiny(index_topk=6)
-    attn = model.layers[0].self_attn
-    x = torch.randn(2, 30, 128)
-    pos = torch.arange(30).expand(2, 30)
-    from nanoglm5.model import rope_cos_sin
-
-    cos, sin = rope_cos_sin(pos, 16, 1e6)
-    _, _, ql, _, _ = attn.project(x, cos, sin)
-    scores = attn.indexer.scores(x, attn.indexer.queries(ql, cos, sin), attn.indexer.keys(x, cos, sin))
+@pytest.mark.parametrize("tie_break", ["topk", "stable"])
+def test_topk_selection_never_contains_the_future(tie_break):
+    """The model's own selection (`select`, the call every DSA path makes): each query picks the k best-scoring
+    keys it can see, and a future key only as padding when fewer than k are visible (masked out afterwards)."""
+    k, T = 6, 30
+    model = _tiny(index_topk=k)
+    cfg, attn = model.config, model.layers[0].self_attn
+    x = torch.randn(2, T, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T).expand(2, T)
+    cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta)
+    with torch.no_grad():
+        _, _, ql, _, _ = attn.project(x, cos, sin)
+        scores = attn.indexer.scores(x, attn.indexer.queries(ql, cos, sin), attn.indexer.keys(x, cos, sin))
     allowed = pos[:, None, :] <= pos[:, :, None]
-    top = scores.masked_fill(~allowed, float("-inf")).topk(6, -1)
-    chosen_future = (top.indices > pos[:, :, None]) & torch.isfinite(top.values)
-    assert not chosen_future.any()
+    # the future must be able to win, or masking would not be tested: some future key outscores the past
+    assert (scores.masked_fill(allowed, float("-inf")).amax(-1)[:, k:-1]
+            > scores.masked_fill(~allowed, float("-inf")).kthvalue(T - k + 1, -1).values[:, k:-1]).any()
+    top = attn.select(scores, allowed, tie_break)
+    assert top.shape == (2, T, k)
+    chosen = torch.zeros_like(allowed).scatter(-1, top, True)
+    n_future = (chosen & ~allowed).sum(-1)
+    assert torch.equal(n_future, (k - pos - 1).clamp(min=0))  # future keys only as padding of short rows
+    assert torch.equal((chosen & allowed).sum(-1), (pos + 1).clamp(max=k))  # every row fills k with visible keys
+    # ... the best visible ones: no unchosen visible key scores above a chosen one
+    lo = scores.masked_fill(~(chosen & allowed), float("inf")).amin(-1)
+    hi = scores.masked_fill(~(allowed & ~chosen), float("-inf")).amax(-1)
+    assert (hi <= lo).all()
 
 
 def test_sparse_gather_path_equals_dense_masked_path():
@@ -114,11 +132,18 @@ def test_sparse_gather_path_equals_dense_masked_path():
     assert (full - d).abs().max().item() > 1e-4
 
 
-def test_dsa_with_short_sequences_equals_dense_attention():
-    model = _tiny(index_topk=64)
-    x = torch.randint(0, 256, (1, 50))
+@pytest.mark.parametrize("impl", ["absorbed", "dense"])
+def test_dsa_with_short_contexts_equals_dense_attention(impl):
+    """index_topk = 20 < T = 50, so DSA selects (the gathered top-k path with impl="absorbed", the masked
+    dense path with the selection's mask with impl="dense"); a query that sees at most k tokens selects all of
+    them, so positions 0..k-1 equal full dense attention (sparse=False), and later positions do not."""
+    k = 20
+    model = _tiny(index_topk=k)
+    x = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert torch.allclose(model(x).logits, model(x, sparse=False).logits, atol=1e-6)
+        sparse, full = model(x, impl=impl).logits, model(x, sparse=False).logits
+    assert (sparse[:, :k] - full[:, :k]).abs().max().item() < 1e-5
+    assert (sparse[:, k:] - full[:, k:]).abs().amax(-1).min().item() > 1e-4  # every longer row is sparse
 
 
 def test_grouped_moe_equals_per_expert_loop_forward_and_backward():
@@ -248,6 +273,21 @@ def test_hf_config_dict_roundtrip():
         assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     d = ModelConfig.preset("glm5_744b").to_hf_dict()
     assert d["rope_parameters"] == {"rope_theta": 1e6, "rope_type": "default"} and d["head_dim"] == 64
+
+
+def test_logits_at_equals_the_full_logits_there():
+    """logits_at runs the final norm and head only at the asked positions (generation: each right-padded
+    row's last real token); the values equal the full forward's at those positions (up to GEMM rounding)."""
+    model = _tiny()
+    x = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(x).logits
+        last = torch.tensor([19, 4, 11])
+        assert torch.allclose(model(x, logits_at=last).logits, full[torch.arange(3), last], atol=1e-5)
+        some = torch.tensor([[0, 7], [3, 3], [19, 1]])
+        assert torch.allclose(model(x, logits_at=some).logits, full[torch.arange(3)[:, None], some], atol=1e-5)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(x, targets=x, logits_at=last)
 
 
 def test_position_beyond_the_context_is_a_clear_error():

@@ -186,6 +186,17 @@ def test_trajectory_validation_and_segments():
     assert t.oldest_version == 3 and t.loss_tokens_by_version() == {3: 1, 5: 2} and t.n_loss_tokens == 3
 
 
+def test_buffered_groups_keep_their_advantages_through_a_checkpoint():
+    buf = ReplayBuffer(groups_per_step=1)
+    g = _group(buf.admit(0))
+    for t, a in zip(g.trajectories, (0.75, -0.75)):
+        t.advantage = a
+    buf.complete(g)
+    resumed = ReplayBuffer(groups_per_step=1)
+    resumed.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert [t.advantage for t in resumed.take_batch()[0].trajectories] == [0.75, -0.75]
+
+
 def test_ready_order_needs_tau_for_the_bound():
     """The property test has teeth: "ready" order lets stragglers exceed η; the τ-drop bounds them."""
     assert max(_simulate(s, 1, 2, order="ready")[2] for s in range(8)) > 1

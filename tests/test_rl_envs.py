@@ -1,4 +1,5 @@
-"""RL environments (nanoglm5/rl/envs.py): deterministic tasks, disjoint splits, checked rewards."""
+"""RL environments (nanoglm5/rl/envs.py) over the shared tasks (nanoglm5/data/tasks.py): deterministic
+tasks, disjoint splits, checked rewards."""
 
 import json
 import statistics
@@ -6,7 +7,8 @@ import time
 
 import pytest
 
-from nanoglm5.rl.envs import AgentEnv, CodeEnv, MathEnv, extract_code, lognormal_lengths, make_env
+from nanoglm5.data.tasks import agent_solution, lognormal_lengths
+from nanoglm5.rl.envs import AgentEnv, CodeEnv, MathEnv, extract_code, make_env
 
 
 @pytest.mark.parametrize("name", ["math", "code", "agent"])
@@ -89,13 +91,34 @@ def test_agent_multi_turn_reference_solution_and_observations():
         env.step(t, state, "ANSWER 1")
 
 
+def test_agent_reference_episode_is_what_the_env_answers():
+    """SFT's agent transcripts (data/sft.py) use the tasks' reference episode: the same observations as
+    the environment gives, and the episode ends where the environment ends it."""
+    env = AgentEnv(sleep=False)
+    for t in env.make_tasks(20, seed=2, split="sft"):
+        state = env.reset(t)
+        for turn, observation in agent_solution(t):
+            assert env.step(t, state, turn)[:2] == (observation, observation is None)
+
+
 def test_agent_turns_are_heavy_tailed_and_latency_seeded():
     env = AgentEnv(median_steps=2, max_steps=1000, latency_median_s=0.001, sleep=False)
     steps = sorted(len(t.meta["ops"]) for t in env.make_tasks(2000, seed=0))
     p50, p99 = steps[len(steps) // 2], steps[int(0.99 * len(steps))]
     assert 6 <= p99 / p50 <= 16  # p99/p50 ≈ 10 (integer rounding at a median of 2)
     t = env.make_tasks(1, seed=0)[0]
-    assert env.latency(t, 1) == env.latency(t, 1) > 0
+    # seeded: another env with the same settings, on the same task rebuilt from its seed, waits the same time
+    other = AgentEnv(median_steps=2, max_steps=1000, latency_median_s=0.001, sleep=False)
+    t2 = other.make_tasks(1, seed=0)[0]
+    assert t2.task_id == t.task_id and t2 is not t
+    assert other.latency(t2, 1) == env.latency(t, 1) > 0
+    # ... and a draw per (task, turn): other turns and other tasks wait other times
+    turns = [env.latency(t, k) for k in range(1, 51)]
+    assert len(set(turns)) == len(turns)
+    lats = sorted(env.latency(u, 1) for u in env.make_tasks(2000, seed=1))
+    assert len(set(lats)) == len(lats)
+    l50, l99 = lats[len(lats) // 2], lats[int(0.99 * len(lats))]
+    assert 0.0008 <= l50 <= 0.00125 and 6 <= l99 / l50 <= 16  # lognormal: median latency_median_s, p99/p50 ≈ 10
     assert AgentEnv().latency(t, 1) == 0.0
 
 

@@ -1,4 +1,4 @@
-"""Policy losses (nanoglm5/rl/loss.py): hand-computed formulas and the toy-bandit bias test (rl.md §5 test 1)."""
+"""Policy losses (nanoglm5/rl/loss.py): hand-computed formulas and the toy-bandit bias test."""
 
 import math
 
@@ -107,7 +107,7 @@ def test_bad_arguments_name_the_value():
         policy_loss(x, torch.zeros(1, 3), torch.zeros(1), x)
 
 
-# ---- toy bandit (rl.md §5 test 1) -------------------------------------------------------------
+# ---- toy bandit -------------------------------------------------------------
 
 
 def _bandit_weights(kind, rho):

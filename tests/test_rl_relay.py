@@ -43,28 +43,86 @@ def test_versions_monotonic_and_layout_checked():
         relay.pull({"w": torch.zeros(3, 5)})
 
 
+def _torn(buf: dict, v: int) -> bool:
+    """Version v fills every tensor with v: anything else is a mix of versions."""
+    seen = {float(t.min()) for t in buf.values()} | {float(t.max()) for t in buf.values()}
+    return seen != {float(v)}
+
+
+class _PublishMidRead(dict):
+    """A pull target that lets the trainer publish twice while the relay is copying into it (at its second
+    tensor): the slot being read is overwritten mid-copy, the interleaving the seqlock exists for, made
+    deterministic."""
+
+    def __init__(self, tensors, relay, versions):
+        super().__init__(tensors)
+        self.relay, self.versions, self.calls = relay, list(versions), 0
+
+    def __getitem__(self, k):
+        self.calls += 1
+        if self.calls == 2:
+            for v in self.versions:
+                self.relay.publish(_state(float(v)), version=v)
+        return super().__getitem__(k)
+
+
+class _NoSeqlockRelay(WeightRelay):
+    """The relay with its seqlock check removed: a read returns whatever it copied."""
+
+    def _try_pull(self, tensors):
+        with self._latest.get_lock():
+            s = self._latest.value
+        flat = self.slots[s]
+        with torch.no_grad():
+            for e in self.layout:
+                tensors[e.name].copy_(flat[e.offset : e.offset + e.numel].view(e.shape))
+        return self._version[s]
+
+
+def test_a_read_overwritten_mid_copy_is_retried():
+    relay = WeightRelay(_state(0.0))
+    relay.publish(_state(1.0), version=1)  # slot 1, the one the reader takes
+    buf, stats = _PublishMidRead(_state(-1.0), relay, versions=[2, 3]), {}  # 3 lands in slot 1, mid-copy
+    v = relay.pull(buf, stats=stats)
+    assert v == 3 and not _torn(buf, v), {k: float(t.max()) for k, t in buf.items()}
+    assert stats["retries"] == 1, stats
+
+
+def test_without_the_seqlock_the_same_read_is_torn():
+    """The check above can fail: a relay without the seqlock check returns the torn copy (the first tensor
+    from version 1, the rest from version 3), and `_torn` sees it."""
+    relay = _NoSeqlockRelay(_state(0.0))
+    relay.publish(_state(1.0), version=1)
+    buf, stats = _PublishMidRead(_state(-1.0), relay, versions=[2, 3]), {}
+    v = relay.pull(buf, stats=stats)
+    assert _torn(buf, v) and stats.get("retries", 0) == 0
+
+
 BIG = 1 << 14  # 1M floats per slot: a copy takes milliseconds, so reads and writes overlap
-DURATION_S = 2.0
+DURATION_S, MAX_S = 2.0, 20.0
 
 
-def _write_for(relay, seconds):
-    t_end, v = time.time() + seconds, relay.latest_version()
-    while time.time() < t_end:
+def _write(relay, retries, stop):
+    """Publish as fast as possible for DURATION_S, and on until the readers have retried a torn read (MAX_S)."""
+    t0, v = time.time(), relay.latest_version()
+    while time.time() - t0 < DURATION_S or (retries.value == 0 and time.time() - t0 < MAX_S):
         v += 1
         relay.publish(_state(float(v), big=BIG), version=v)
+    stop.set()
 
 
-def _reader(relay, barrier, out):
+def _reader(relay, barrier, stop, retries, out):
     torch.set_num_threads(1)
     buf = _state(0.0, big=BIG)
     stats, last, pulls = {}, -1, 0
     barrier.wait()
-    t_end = time.time() + DURATION_S
-    while time.time() < t_end:
+    while not stop.is_set():
+        before = stats.get("retries", 0)
         v = relay.pull(buf, stats=stats)
-        seen = {float(t.min()) for t in buf.values()} | {float(t.max()) for t in buf.values()}
-        if seen != {float(v)}:  # every tensor of version v is filled with v
-            out.put(("torn", v, sorted(seen)[:5]))
+        with retries.get_lock():
+            retries.value += stats.get("retries", 0) - before
+        if _torn(buf, v):
+            out.put(("torn", v, sorted({float(t.min()) for t in buf.values()})[:5]))
             return
         if v < last:
             out.put(("backwards", last, v))
@@ -73,24 +131,29 @@ def _reader(relay, barrier, out):
     out.put(("ok", pulls, stats.get("retries", 0), last))
 
 
-def test_no_torn_version_under_concurrency():
-    """The trainer (this process) publishes as fast as it can while two spawned readers pull."""
+def test_no_torn_version_under_concurrency_and_torn_reads_are_retried():
+    """The trainer (this process) publishes as fast as it can while two spawned readers pull: no reader ever
+    holds a mix of versions or goes backwards, and the seqlock's retry path did run (some read overlapped a
+    write of its slot and was retried) — so the no-torn-read result was tested, not just never provoked.
+    (test_without_the_seqlock_the_same_read_is_torn shows the detector catches a relay without the check.)"""
     ctx = mp.get_context("spawn")
     relay = WeightRelay(_state(0.0, big=BIG), ctx=ctx)
-    barrier, out = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(relay, barrier, out)) for _ in range(2)]
+    barrier, stop, retries, out = ctx.Barrier(3), ctx.Event(), ctx.Value("q", 0), ctx.Queue()
+    procs = [ctx.Process(target=_reader, args=(relay, barrier, stop, retries, out)) for _ in range(2)]
     for p in procs:
         p.start()
     try:
         barrier.wait(timeout=120)  # the readers have imported torch
-        _write_for(relay, DURATION_S)
+        _write(relay, retries, stop)
         results = [out.get(timeout=60) for _ in range(2)]
     finally:
+        stop.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    print("reader results (status, pulls, torn reads retried, last version):", results)
     assert all(p.exitcode == 0 for p in procs)
     assert all(r[0] == "ok" for r in results), results
     assert sum(r[1] for r in results) > 10 and relay.latest_version() > 5, (results, relay.latest_version())
-    print("reader results (status, pulls, torn reads retried, last version):", results)
+    assert sum(r[2] for r in results) > 0, f"no read overlapped a write in {MAX_S:g}s: the retry path never ran {results}"

@@ -1,5 +1,5 @@
-"""scale.py: analytic counts == meta-device numel for every preset, the GLM-5 numbers of arch.md §2/§5,
-the CLI, and (slow) notebooks 00_scale and 02_model executed top to bottom."""
+"""scale.py: analytic counts == meta-device numel for every preset, the GLM-5 numbers (parameters, KV cache),
+and the CLI (notebooks 00_scale and 02_model run in tests/test_notebooks.py)."""
 
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def test_glm5_744b_numbers():
     assert scale.active_params(cfg, include_embedding=False, include_head=False) == 39_881_563_392
     kv = scale.kv_cache_bytes(cfg, 1)
     assert kv["compressed"] == 109_824 and kv["mla"] == 89_856 and kv["expanded"] == 5_111_808
-    assert scale.kv_cache_bytes(cfg, 200_000)["compressed"] == 21_964_800_000  # 21.96 GB (arch.md §5)
+    assert scale.kv_cache_bytes(cfg, 200_000)["compressed"] == 21_964_800_000  # 21.96 GB
     # with the MTP layer cached too: 79 layers × 1408 B
     assert scale.kv_cache_bytes(cfg.replace(num_hidden_layers=79, first_k_dense_replace=3), 1)["compressed"] == 111_232
 
@@ -102,21 +102,3 @@ def test_report_and_cli(capsys):
     assert "== analytic" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         scale.main(["glm5_744b", "--ep", "3"])
-
-
-def _run_notebook(name):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    return nb
-
-
-@pytest.mark.slow
-def test_notebook_00_scale():
-    _run_notebook("00_scale.ipynb")
-
-
-@pytest.mark.slow
-def test_notebook_02_model():
-    _run_notebook("02_model.ipynb")

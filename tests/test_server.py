@@ -2,46 +2,25 @@
 (non-streaming and streaming), SSE format, every bad-input case, disconnects, overload, shared batching."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import LiveServer
+from fastapi.testclient import TestClient
 
-from nanoglm5.checkpoint import save_hf
+from nanoglm5.checkpoint import load_hf, save_hf
 from nanoglm5.config import ModelConfig
+from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
+from nanoglm5.int4 import Int4Experts
 from nanoglm5.model import GLM5
+from nanoglm5.quant import convert_checkpoint
 from nanoglm5.server import TextState, create_app
-from nanoglm5.tokenizer import Tokenizer
 
 TEXTS = ["the cat sat on the mat", "hello world, hello model", "1 + 2 = 3 and 2 + 2 = 4"] * 20
-
-
-class Server:
-    """uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    srv = Server(create_app(ckpt, max_batch=4, max_queue=8, default_max_tokens=8))
+    srv = LiveServer(create_app(ckpt, max_batch=4, max_queue=8, default_max_tokens=8))
     yield srv
     srv.close()
 
@@ -138,44 +117,134 @@ def test_sse_format(server):
     assert len({d["id"] for d in datas}) == 1
 
 
-def _post(server, path, body=None, content=None, status=400):
-    kw = {"content": content, "headers": {"content-type": "application/json"}} if content is not None else {"json": body}
-    r = httpx.post(server.url + path, timeout=60, **kw)
+def assert_openai_error(r, status, param=..., code=...):
+    """r is an HTTP response in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}, with
+    OpenAI's type for its status (invalid_request_error for 4xx, requests for 429, server_error for 5xx)."""
     assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"}, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == {429: "requests", 500: "server_error"}.get(status, "invalid_request_error"), err
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert err["code"] is None or isinstance(err["code"], str)  # OpenAI's codes are strings, never the status
+    if param is not ...:
+        assert err["param"] == param, err
+    if code is not ...:
+        assert err["code"] == code, err
     return err
 
 
-@pytest.mark.parametrize("body,content,param", [
-    (None, "{not json", None),
-    ({"model": "tiny-chat"}, None, "messages"),
-    ({"model": "tiny-chat", "messages": []}, None, "messages"),
-    ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, None, "messages.0.role"),
-    ({"model": "tiny-chat", "messages": MSG, "max_tokens": "5"}, None, "max_tokens"),
-    ({"model": "tiny-chat", "messages": MSG, "temperature": "hot"}, None, "temperature"),
-    ({"model": "tiny-chat", "messages": "hello"}, None, "messages"),
-    ({"model": "tiny-chat", "messages": MSG, "stream": "yes"}, None, "stream"),
+def _post(server, path, body=None, content=None, status=400, param=..., code=...):
+    kw = {"content": content, "headers": {"content-type": "application/json"}} if content is not None else {"json": body}
+    return assert_openai_error(httpx.post(server.url + path, timeout=60, **kw), status, param, code)
+
+
+@pytest.mark.parametrize("body,content,param,code", [
+    (None, "{not json", None, None),
+    (None, '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature", "invalid_value"),
+    ([1, 2], None, None, "invalid_type"),
+    ({"model": "tiny-chat"}, None, "messages", "missing_required_parameter"),
+    ({"model": "tiny-chat", "messages": []}, None, "messages", "empty_array"),
+    ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "hi"}]}, None, "messages[0].role", "invalid_value"),
+    ({"model": "tiny-chat", "messages": MSG + [5]}, None, "messages[2]", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, "messages[0].content", "invalid_value"),
+    ({"model": "tiny-chat", "messages": MSG, "max_tokens": "5"}, None, "max_tokens", "invalid_type"),
+    ({"model": "tiny-chat", "messages": MSG, "max_tokens": 1.5}, None, "max_tokens", "invalid_type"),
+    ({"model": "tiny-chat", "messages": MSG, "temperature": "hot"}, None, "temperature", "invalid_type"),
+    ({"model": "tiny-chat", "messages": "hello"}, None, "messages", "invalid_type"),
+    ({"model": "tiny-chat", "messages": MSG, "stream": "yes"}, None, "stream", "invalid_type"),
+    ({"model": "tiny-chat", "messages": MSG, "stop": 5}, None, "stop", "invalid_type"),
+    ({"messages": MSG, "stream_options": {"include_usage": "y"}}, None, "stream_options.include_usage", "invalid_type"),
+    ({"messages": MSG, "seed": 1 << 70}, None, "seed", "integer_above_max_value"),
 ])
-def test_malformed_requests_are_400(server, body, content, param):
-    err = _post(server, "/v1/chat/completions", body, content)
-    assert param is None or err["param"] == param
+def test_malformed_requests_are_400_in_openai_shape(server, body, content, param, code):
+    err = _post(server, "/v1/chat/completions", body, content, param=param, code=code)
+    if content == "{not json":
+        assert "not valid JSON" in err["message"]
 
 
 def test_limits_are_400_with_the_limit_named(server):
+    chat = "/v1/chat/completions"
     long = {"role": "user", "content": "the cat sat on the mat " * 40}
-    assert "max_seq_len=96" in _post(server, "/v1/chat/completions", {"messages": [long]})["message"]
-    err = _post(server, "/v1/chat/completions", {"messages": MSG, "max_tokens": 500})
-    assert err["param"] == "max_tokens" and "max_seq_len=96" in err["message"]
-    assert "between 1 and 16" in _post(server, "/v1/chat/completions", {"messages": MSG, "n": 17})["message"]
-    assert "between 1 and 16" in _post(server, "/v1/chat/completions", {"messages": MSG, "n": 0})["message"]
-    assert "(0, 1]" in _post(server, "/v1/chat/completions", {"messages": MSG, "top_p": 1.5})["message"]
-    assert _post(server, "/v1/completions", {"prompt": [999999]})["code"] == 400  # out of vocabulary
-    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 0})["param"] == "max_tokens"
-    err = _post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": MSG}, status=404)
-    assert err["param"] == "model" and "gpt-4" in err["message"]
-    _post(server, "/v1/nothing", {}, status=404)
+    err = _post(server, chat, {"messages": [long]}, param="messages", code="context_length_exceeded")
+    assert "max_seq_len=96" in err["message"]
+    err = _post(server, chat, {"messages": MSG, "max_tokens": 500}, param="max_tokens", code="invalid_value")
+    assert "max_seq_len=96" in err["message"]
+    _post(server, chat, {"messages": MSG, "max_tokens": -3}, param="max_tokens", code="integer_below_min_value")
+    assert "between 1 and 16" in _post(server, chat, {"messages": MSG, "n": 17}, param="n",
+                                       code="integer_above_max_value")["message"]
+    assert "between 1 and 16" in _post(server, chat, {"messages": MSG, "n": 0}, param="n",
+                                       code="integer_below_min_value")["message"]
+    assert "(0, 1]" in _post(server, chat, {"messages": MSG, "top_p": 1.5}, param="top_p",
+                             code="decimal_above_max_value")["message"]
+    _post(server, chat, {"messages": MSG, "top_logprobs": 2}, param="top_logprobs", code="invalid_value")
+    _post(server, "/v1/completions", {"prompt": [999999]}, param="prompt[0]", code="invalid_value")  # not in vocab
+    _post(server, "/v1/completions", {"prompt": [[1, 2], [3, -1]]}, param="prompt[1][1]", code="invalid_value")
+    _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 0}, param="max_tokens",
+          code="integer_below_min_value")
+    _post(server, "/v1/completions", {"prompt": "x", "echo": True}, param="echo", code="unsupported_value")
+    _post(server, "/v1/completions", {"prompt": []}, param="prompt", code="empty_array")
+    err = _post(server, chat, {"model": "gpt-4", "messages": MSG}, status=404, param="model", code="model_not_found")
+    assert "gpt-4" in err["message"]
+    err = _post(server, "/v1/nothing", {}, status=404, param=None, code=None)
+    assert err["message"] == "Invalid URL (POST /v1/nothing)"
+    assert_openai_error(httpx.get(server.url + chat), 405, param=None, code=None)
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_openai_client_sees_the_error_fields(client):
+    """The official client parses the shape: its exception classes carry type, param and code."""
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=MSG, max_tokens=2)
+    assert (e.value.type, e.value.param, e.value.code) == ("invalid_request_error", "model", "model_not_found")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-chat", messages=MSG, max_tokens=10_000)
+    assert (e.value.type, e.value.param, e.value.code) == ("invalid_request_error", "max_tokens", "invalid_value")
+
+
+def test_server_errors_are_500_server_error_and_the_worker_survives(server):
+    eng = server.app.state.engine
+    body = {"messages": MSG, "max_tokens": 3, "temperature": 0}
+    step = eng.step
+
+    def broken():
+        raise RuntimeError("injected engine failure")
+
+    eng.step = broken
+    try:
+        err = assert_openai_error(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 500,
+                                  param=None, code=None)
+        assert "injected engine failure" in err["message"]
+    finally:
+        eng.step = step
+    add = eng.add_request
+
+    def bad_add(*a, **k):
+        raise TypeError("injected admission failure")
+
+    eng.add_request = bad_add
+    try:  # an unexpected exception while admitting must not kill the worker thread
+        assert_openai_error(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 500)
+    finally:
+        eng.add_request = add
+    worker = server.app.state.worker
+    submit = worker.submit
+
+    def bad_submit(*a, **k):
+        raise RuntimeError("injected handler failure")
+
+    worker.submit = bad_submit
+    try:  # an exception nobody anticipated, in the request handler itself: still OpenAI's shape
+        err = assert_openai_error(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 500,
+                                  param=None, code=None)
+        assert "injected handler failure" in err["message"]
+    finally:
+        worker.submit = submit
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and server.app.state.worker.live == 0
 
 
 def test_disconnect_mid_stream_frees_slot(server):
@@ -200,7 +269,7 @@ def test_disconnect_mid_stream_frees_slot(server):
 
 
 def test_concurrent_requests_share_the_batch_and_overload_is_429(ckpt):
-    srv = Server(create_app(ckpt, max_batch=2, max_queue=1))
+    srv = LiveServer(create_app(ckpt, max_batch=2, max_queue=1))
     try:
         eng, peak = srv.app.state.engine, [0]
         step = eng.step
@@ -215,8 +284,8 @@ def test_concurrent_requests_share_the_batch_and_overload_is_429(ckpt):
         def call():
             r = httpx.post(srv.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 40}, timeout=60)
             codes.append(r.status_code)
-            if r.status_code == 429:
-                assert r.json()["error"]["code"] == 429
+            if r.status_code == 429:  # OpenAI's rate-limit error: type "requests", code rate_limit_exceeded
+                assert_openai_error(r, 429, param=None, code="rate_limit_exceeded")
 
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
@@ -251,24 +320,8 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         create_app(tmp_path / "c")
 
 
-@pytest.mark.slow
-def test_notebook_06_serve():
-    import nbformat
-
-    nbclient = pytest.importorskip("nbclient")
-    root = __import__("pathlib").Path(__file__).resolve().parent.parent
-    nb = nbformat.read(root / "notebooks" / "06_serve.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
-
-
 def test_int4_checkpoint_serves_and_decodes_like_its_full_forward(ckpt, tmp_path):
     """`python -m nanoglm5.quant convert` output loads in the engine and the server (issue 7 item 4)."""
-    from fastapi.testclient import TestClient
-
-    from nanoglm5.checkpoint import load_hf
-    from nanoglm5.engine import Engine, SamplingParams
-    from nanoglm5.quant import Int4Experts, convert_checkpoint
-
     out = tmp_path / "int4"
     convert_checkpoint(ckpt, out)
     model = load_hf(out)
@@ -277,9 +330,9 @@ def test_int4_checkpoint_serves_and_decodes_like_its_full_forward(ckpt, tmp_path
     prompt = tok.render_prompt(MSG)
     got = Engine(model, max_batch=2).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     ids = list(prompt)
-    with torch.no_grad():  # the engine set the model's tie-break; the recompute uses the same model
+    with torch.no_grad():  # the recompute breaks DSA ties by position, as the engine does
         for _ in range(len(got)):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids]), tie_break="stable").logits[0, -1].argmax()))
     assert got == ids[len(prompt):]
     with TestClient(create_app(out, max_batch=2, default_max_tokens=4)) as c:
         r = c.post("/v1/chat/completions", json={"model": "int4", "messages": MSG, "max_tokens": 4, "temperature": 0})

@@ -1,13 +1,16 @@
-"""The main job end to end (quick budget): every stage runs, the report is written, re-running skips
-finished stages, and a broken earlier stage is named with what to delete."""
+"""The main job end to end (quick budget): every stage runs, the report and results.json are written, re-running
+skips finished stages, a broken earlier stage is named with what to delete, and the job stops before its first
+stage when the code judge cannot run."""
 
 import json
 import subprocess
 import sys
+from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
-from nanoglm5.speedrun import main
+from nanoglm5.speedrun import BUDGETS, main, stage_commands
 
 
 @pytest.mark.slow
@@ -15,29 +18,64 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--quick", "--threads", "1", "--out-dir", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
-    for stage in ("data", "pretrain", "SFT with INT4 QAT", "PTQ vs QAT", "RL, sync", "RL, async", "int4 conversion"):
+    for stage in ("data", "pretrain", "SFT trunk", "SFT with INT4 QAT", "PTQ vs QAT", "RL, sync", "RL, async",
+                  "int4 conversion"):
         assert f"| {stage} |" in report
-    for png in ("val_loss", "expert_load", "indexer_kl", "rl_reward", "ptq_vs_qat"):
+    for png in ("val_loss", "expert_load", "indexer_kl", "rl_reward", "rl_timeline", "ptq_vs_qat"):
         assert (out / "report" / f"{png}.png").stat().st_size > 1000, png
     res = json.loads((out / "report" / "results.json").read_text())
-    assert res["int4/weight_bytes"] < 0.75 * res["fp32/weight_bytes"]
-    assert (out / "int4" / "config.json").exists() and "quantization_config" in (out / "int4" / "config.json").read_text()
+    stages = ["data", "pretrain", "sft_trunk", "sft", "sft_fp", "rl_sync", "rl_async", "int4", "eval"]
+    assert list(res["stages"]) == stages and res["total_seconds"] == pytest.approx(sum(res["stages"].values()), abs=1)
+    for model in ("sft", "rl_sync", "rl_async", "int4"):
+        assert {"greedy", "sampled"} <= set(res["pass1"][model]) and len(res["pass1"][model]["sampled_ci"]) == 2
+    assert {"pretrain", "after_sft"} <= set(res["val_loss"]) and res["host"]["cores"] >= 1
+    assert res["int4"]["bit_identical_logits"] and res["int4"]["greedy_equals_rl_async"]
+    assert res["int4"]["weight_bytes"] < 0.75 * res["int4"]["fp32_weight_bytes"]
+    assert res["judged"]["sandboxed"] + res["judged"]["unsandboxed"] > 0 and "judgements" in res["judged"]["line"]
+    assert (out / "sft" / "ckpt" / "qat_config.json").exists() and (out / "rl_async" / "ckpt" / "qat_config.json").exists()
+    assert '"source": "qat"' in (out / "int4" / "config.json").read_text()
+    assert [h["step"] for h in map(json.loads, (out / "sft" / "metrics.jsonl").read_text().splitlines())][-1] == \
+        BUDGETS["quick"].sft_steps  # the QAT branch continued the trunk's history and schedule
 
     # re-running skips every finished stage
     capsys.readouterr()
     assert main(["--quick", "--threads", "1", "--out-dir", str(out)]) == 0
     log = capsys.readouterr().out
-    assert log.count("done earlier") == 7
+    assert log.count("done earlier") == 8
 
     # a broken pretraining checkpoint is named, with what to delete
     (out / "pretrain" / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
-    (out / "sft" / "DONE.json").unlink()
+    (out / "sft_trunk" / "DONE.json").unlink()
     assert main(["--quick", "--threads", "1", "--out-dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert "pretraining checkpoint missing or broken" in err and f"Delete {out / 'pretrain'}" in err
     assert "Traceback" not in err
 
 
+def test_speedrun_stops_before_any_stage_without_a_sandbox(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOGLM5_NO_BWRAP", "1")
+    assert main(["--quick", "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "--allow-unsandboxed" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_commands_branch_sft_and_pass_the_sandbox_flag(tmp_path):
+    a = Namespace(out_dir=tmp_path, preset="tiny", device="cpu", seed=1, threads=1, rl_workers=2,
+                  qat_layers="all_but_head", group_size=32, allow_unsandboxed=True)
+    b = BUDGETS["full"]
+    cmds = {name: argv for name, argv, _ in stage_commands(a, b)}
+    flag = lambda argv, f: argv[argv.index(f) + 1]  # noqa: E731
+    branch = str(b.sft_steps - b.sft_branch)
+    assert flag(cmds["sft_trunk"], "--until-step") == branch and "--qat" not in cmds["sft_trunk"]
+    for name in ("sft", "sft_fp"):  # both branches continue the trunk on the same schedule
+        assert flag(cmds[name], "--resume") == str(tmp_path / "sft_trunk" / "ckpt")
+        assert flag(cmds[name], "--max-steps") == flag(cmds["sft_trunk"], "--max-steps")
+    assert flag(cmds["sft"], "--qat-start-step") == branch and "--qat" not in cmds["sft_fp"]
+    assert all("--allow-unsandboxed" in cmds[n] for n in ("rl_sync", "rl_async"))
+    assert Path(flag(cmds["int4"], "--checkpoint")) == tmp_path / "rl_async" / "ckpt" and "--layers" not in cmds["int4"]
+
+
 def test_speedrun_help_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "nanoglm5.speedrun", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--quick" in r.stdout and "--preset" in r.stdout
+    assert r.returncode == 0 and "--quick" in r.stdout and "--allow-unsandboxed" in r.stdout

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nanoglm5 import corpus
-from nanoglm5.tokenizer import MIN_VOCAB, Tokenizer
+from nanoglm5.data import corpus
+from nanoglm5.data.tokenizer import MIN_VOCAB, Tokenizer
 
 WEIRD = ["", " ", "héllo  wörld\t\n\n  x", "日本語 и русский 🎉🎉", "\x00\x01\x7f", "\r\n\r\n", "a" * 300,
          "1234567890 3.14159 -2/3", "def f(x):\n\treturn x  # tab\n", "\ufeffBOM", "a<|user|>b[gMASK]c<sop>"]
@@ -67,7 +67,10 @@ def test_chat_template_masks_exact(tok):
             {"role": "assistant", "content": "4"}, {"role": "observation", "content": "ok"},
             {"role": "assistant", "content": "Done."}]
     ids, mask = tok.render_chat(msgs)
-    assert len(ids) == len(mask) and ids[:2] == [S["[gMASK]"], S["<sop>"]]
+    assert len(ids) == len(mask) and ids[:2] == tok.prefix_ids == [S["[gMASK]"], S["<sop>"]]
+    assert tok.render_chat([])[0] == tok.prefix_ids
+    # a conversation rendered without the prefix continues an ongoing one (how RL appends turns)
+    assert tok.render_chat(msgs[:2])[0] + tok.render_chat(msgs[2:])[0][len(tok.prefix_ids):] == ids
     assert tok.decode(ids) == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\n2+2?<|assistant|>\n4"
                                "<|observation|>\nok<|assistant|>\nDone.<|endoftext|>")
     learned = [i for i, m in zip(ids, mask) if m]

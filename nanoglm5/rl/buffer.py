@@ -1,12 +1,13 @@
-"""Replay buffer, admission control and leases for asynchronous RL (rl.md §2.6, §5; GLM-5 §4.1).
+"""Replay buffer, admission control and leases for asynchronous RL (GLM-5 arXiv 2602.15763 §4.1).
 
 A plain, single-process class owned by the controller. Rollout workers never touch it: they get
 `Lease`s (through a queue) and send back `Group`s; the controller calls `admit`, `complete`,
 `expire` and `take_batch`.
 
-  Trajectory / Group   what workers produce, token-in-token-out (rl.md §1.5): token ids,
-                       behaviour log-probs, loss mask, reward and per-segment weight versions.
-  admission control    AReaL's staleness manager (rl.md §2.6): a new group is admitted only while
+  Trajectory / Group   what workers produce, token-in-token-out (TITO, GLM-5 §4.1.2): token ids,
+                       behaviour log-probs, loss mask, reward, per-segment weight versions, and
+                       the GRPO advantage the controller sets when the whole group has arrived.
+  admission control    AReaL's staleness manager (arXiv 2505.24298): a new group is admitted only while
                        submitted ≤ (η + v + 1)·B, B = groups per train step, v = trainer version.
                        With batches taken in group_id order ("fifo"), group k is trained at step
                        ⌊k/B⌋ and was admitted at v ≥ ⌊k/B⌋ − η, so no trained token is more than η
@@ -15,12 +16,16 @@ A plain, single-process class owned by the controller. Rollout workers never tou
   leases               each admitted group goes out as (group_id, attempt) with a deadline; an
                        expired lease (a killed or stuck worker) is re-queued ahead of new groups,
                        and a late result for an expired or re-issued lease is discarded. Commits are
-                       idempotent by group_id: each group is trained exactly once.
+                       idempotent by group_id: each group is trained exactly once. A lease whose
+                       worker died (`fail`) is re-queued at once, without waiting for its deadline;
+                       a group whose worker died max_failures times is given up: it completes empty
+                       (its batch is one group smaller) and is never trained.
   τ-drop               GLM-5 §4.1: drop a sample if v_train − (its oldest segment version) > τ;
-                       drops and the lengths of dropped samples are counted (rl.md §2.6 caution:
-                       dropping starves slow rollouts, so look at those lengths).
+                       drops and the lengths of dropped samples are counted (dropping starves
+                       slow rollouts — a bias toward short answers — so look at those lengths).
   state_dict           buffered-but-untrained groups, counters and in-flight leases (re-queued on
-                       load), so a resumed run trains the same multiset of groups (rl.md §5 test 7).
+                       load), so a resumed run trains the same multiset of groups
+                       (tests/test_rl_system.py checks it).
 
 Orders for `take_batch`: "fifo" (default) waits for the B lowest untrained group ids — the
 staleness bound above holds and η = 0 reproduces the synchronous run; "ready" takes the B
@@ -47,7 +52,9 @@ class Trajectory:
     versions:  [(start_idx, version)], increasing start_idx, first start_idx 0: tokens from
                start_idx up to the next segment were generated with weights `version` (one entry
                unless the worker swapped weights mid-trajectory — partial rollout).
-    meta:      free-form (task_id, turn count, env latency, finish reason...).
+    advantage: the GRPO advantage, normalised over the whole group; 0.0 until the controller sets
+               it on arrival (learner.attach_advantages), before any τ-drop removes samples.
+    meta:      free-form (turn count, env latency, finish reason...).
     """
 
     tokens: list[int]
@@ -55,6 +62,7 @@ class Trajectory:
     loss_mask: list[int]
     reward: float
     versions: list[tuple[int, int]]
+    advantage: float = 0.0
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -148,6 +156,7 @@ class ReplayBuffer:
         self.attempts: dict[int, int] = {}  # last attempt issued per untrained group
         self.done: dict[int, Group] = {}  # completed, not yet trained
         self.trained: set[int] = set()
+        self.failures: dict[int, int] = {}  # untrained group → how many times its worker died holding it
         self.counters = Counter()  # expired, reissued, late_discarded, dropped_samples, ...
         self.dropped_lengths: list[int] = []
         self.staleness_hist = Counter()  # {v_train − v_gen: loss tokens}
@@ -194,6 +203,23 @@ class ReplayBuffer:
         self.counters["expired"] += len(gone)
         return gone
 
+    def fail(self, group_id: int, attempt: int, max_failures: int = 0, task_id: str = "") -> str | None:
+        """The worker holding this lease died. Returns "requeued" (it goes out again now, ahead of new groups),
+        "dropped" (its worker died max_failures times, 0 = never give up: the group completes empty and is never
+        trained) or None (the lease was already gone: completed, expired or re-issued)."""
+        lease = self.leases.get(group_id)
+        if lease is None or lease.attempt != attempt:
+            return None
+        del self.leases[group_id]
+        n = self.failures[group_id] = self.failures.get(group_id, 0) + 1
+        if max_failures and n >= max_failures:
+            self.done[group_id] = Group(group_id, attempt, [], task_id)
+            self.counters["failed_groups"] += 1
+            return "dropped"
+        self.requeue = sorted(self.requeue + [group_id])
+        self.counters["requeued_dead"] += 1
+        return "requeued"
+
     def complete(self, group: Group) -> bool:
         """Commit a finished group if it answers the live lease; otherwise discard it (late/duplicate)."""
         lease = self.leases.get(group.group_id)
@@ -233,13 +259,14 @@ class ReplayBuffer:
             group = self.done.pop(gid)
             self.trained.add(gid)
             self.attempts.pop(gid, None)
+            self.failures.pop(gid, None)
             kept = [t for t in group.trajectories if not self._drop(t, trainer_version)]
             for t in kept:
                 for v, k in t.loss_tokens_by_version().items():
                     self.staleness_hist[trainer_version - v] += k
             if kept:
                 batch.append(Group(group.group_id, group.attempt, kept, group.task_id))
-            else:
+            elif group.trajectories:  # (a group given up by `fail` has none: counted there)
                 self.counters["dropped_groups"] += 1
         self.counters["trained_groups"] += n
         return batch
@@ -279,6 +306,7 @@ class ReplayBuffer:
             "submitted": self.submitted,
             "requeue": sorted(self.requeue + list(self.leases)),
             "attempts": {str(k): v for k, v in self.attempts.items()},
+            "failures": {str(k): v for k, v in self.failures.items()},
             "done": [asdict(g) for _, g in sorted(self.done.items())],
             "trained": sorted(self.trained),
             "counters": dict(self.counters),
@@ -297,6 +325,7 @@ class ReplayBuffer:
         self.leases = {}
         self.requeue = sorted(sd["requeue"])
         self.attempts = {int(k): v for k, v in sd["attempts"].items()}
+        self.failures = {int(k): v for k, v in sd.get("failures", {}).items()}
         self.done = {d["group_id"]: Group.from_dict(d) for d in sd["done"]}
         self.trained = set(sd["trained"])
         self.counters = Counter(sd["counters"])

@@ -1,76 +1,76 @@
-"""The RL controller: processes, leases, the replay buffer, the trainer loop, checkpoints (rl.md §5, DESIGN.md §5).
+"""The RL controller: leases, the replay buffer, the trainer loop, failures, checkpoints — on either transport.
 
-One `Controller` runs a whole `rl.py` job, sync or async on the same code (--mode sync = η 0):
+One `Controller` runs a whole `rl.py` job, sync or async on the same code (--mode sync = η 0), with one logic
+for both backends (--backend mp: worker processes on this machine; --backend ray: Ray actors):
 
-  main process, trainer thread   waits for a batch (`ReplayBuffer.take_batch`, group-id order), takes
-                                 push_every optimizer steps on it (`Learner`), publishes the new weights
-                                 to the relay (never waits for a reader), bumps the version.
-  main process, control thread   GLM-5's orchestrator / slime's Data Buffer in miniature: reads worker
-                                 messages, commits groups (idempotent by group_id), renews leases on
-                                 heartbeats, expires dead ones (re-queued first), respawns dead workers,
-                                 admits new groups while submitted ≤ (η + v + 1)·B, and hands leases out.
-  W rollout worker processes     `rollout.worker_main`: a model copy each, own thread budget, generating
-                                 whole GRPO groups with the engine.
+  trainer thread    waits for a batch (`ReplayBuffer.take_batch`, group-id order), takes push_every optimizer
+                    steps on it (the learner: in this process with mp, an actor with ray), publishes the new
+                    weights (never waits for a worker), bumps the version.
+  control thread    GLM-5's orchestrator (arXiv 2602.15763 §4.1) / the Data Buffer of slime (GLM's RL framework)
+                    in miniature: reads worker messages, commits groups (idempotent by group_id), renews leases
+                    on heartbeats, expires stuck ones, re-queues a dead worker's leases at once, respawns dead
+                    workers, admits new groups while submitted ≤ (η + v + 1)·B, and hands leases out. Its few
+                    dictionary updates per message keep leases flowing while the trainer computes.
+  W rollout workers `rollout.worker_main`: a model copy each, generating whole GRPO groups with the engine; they
+                    get the run's RLConfig and talk in the dataclasses of messages.py.
+Everything that moves between them is the transport's (transport.py: the interface and the processes;
+ray_transport.py: the actors): start a worker, messages both ways, alive or not, kill, publish weights, stop.
 
-Why the trainer lives in the controller process: the controller's work is a few dictionary updates per
-message; in a thread beside the trainer it keeps leases flowing while the trainer computes (torch releases
-the GIL inside its kernels), and the trainer then reads the buffer without a copy between processes.
-Messages travel over one pair of simplex pipes per worker (not a shared mp.Queue): a worker killed with
-SIGKILL in the middle of a write can then corrupt only its own pipe, never another worker's.
+Faults: a dead worker is seen within a control-loop turn; its leases are re-queued at once (the lease timeout
+is for workers alive but stuck), each group charged one failure and run alone from then on, so that a later
+death is its own; at --max-task-failures a group is given up (logged, never trained), not retried forever.
 
-Checkpoints (DESIGN.md §1): out_dir/ckpt in the one format (train_utils.save_checkpoint), with
-trainer_state.pt holding the optimizer, RNG, step, weight version, history and `rl_state` = the replay
-buffer's state_dict: completed-but-untrained groups and in-flight leases (re-issued on --resume).
+Checkpoints: out_dir/ckpt in the one checkpoint format (the training room's save_checkpoint); trainer_state.pt
+holds the optimizer, RNG, step, weight version, history and `rl_state` = the replay buffer's state_dict:
+completed-but-untrained groups and in-flight leases (re-issued on --resume, on either backend).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from multiprocessing import connection
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from tqdm.auto import tqdm
 
-from nanoglm5.checkpoint import load_hf
+from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl.buffer import Group, ReplayBuffer
-from nanoglm5.rl.relay import WeightRelay
-from nanoglm5.rl.rollout import RolloutSettings, worker_main
-from nanoglm5.rl.trainer import Learner, RLConfig, TaskSource, attach_advantages, evaluate
-from nanoglm5.train_utils import (
-    TrainError,
-    config_diff,
+from nanoglm5.rl.evaluation import evaluate, judged_line, plot_reward_vs_time
+from nanoglm5.rl.learner import Learner, attach_advantages, load_policy, policy_config
+from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, WorkerFailed, WorkerStats
+from nanoglm5.rl.ray_transport import RayTransport
+from nanoglm5.rl.rl_config import RESUME_NEUTRAL, RLConfig
+from nanoglm5.rl.task_source import TaskSource
+from nanoglm5.rl.transport import ProcessTransport, Transport
+from nanoglm5.training.metrics import init_wandb, write_metrics
+from nanoglm5.training.state import (
+    check_resume,
     load_trainer_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
     trainer_state,
 )
-
-# Flags that may change between a run and its --resume.
-RESUME_NEUTRAL = {"max_steps", "time_budget_s", "resume", "init_from", "out_dir", "save_every", "log_every", "wandb",
-                  "wandb_project", "plot", "progress", "workers", "worker_threads", "trainer_threads",
-                  "lease_timeout_s", "renew_every_s", "n_eval_tasks", "repack", "long_workers", "long_threshold"}
+from nanoglm5.training.train_config import TrainError
 
 
 @dataclass
 class _Worker:
     wid: int
     kind: str  # "short" or "long" (dynamic repackaging)
-    proc: object
-    send: object  # controller → worker (leases)
-    recv: object  # worker → controller (groups, heartbeats)
     assigned: dict = field(default_factory=dict)  # group_id → attempt
     busy: list = field(default_factory=list)  # [start, end] seconds since t0
     tokens: int = 0
-    pid: int | None = None
+    pid: int | None = None  # from its Hello
     dead: bool = False
+    reserved_for: int | None = None  # a suspect group waits for this worker to drain, then runs alone on it
 
 
 class Controller:
@@ -95,20 +95,22 @@ class Controller:
             raise TrainError(f"{src} has no tokenizer.json; RL needs the tokenizer the model was trained with "
                              "(train.py writes it into every checkpoint)")
         self.tokenizer_file = str(Path(src) / "tokenizer.json")
-        from nanoglm5.tokenizer import Tokenizer
-
         self.tokenizer = Tokenizer.load(self.tokenizer_file)
-        self.model = load_hf(src).eval()  # CheckpointError names the bad file
-        # the rollout engines break DSA top-k ties by position; the trainer must select the same keys (TITO)
-        self.model.set_tie_break("stable")
+        if cfg.device == "cuda" and cfg.backend == "mp" and not torch.cuda.is_available():
+            raise TrainError("--device cuda: torch sees no CUDA device here; use --device cpu (or a CUDA build of torch)")
+        self.model = load_policy(src)  # QAT-prepared with its recipe, if any; CheckpointError names the bad file
+        # --backend mp trains self.model in this process; with ray it is the copy checkpoints and evaluations read
+        self.model.to(cfg.device if torch.cuda.is_available() else "cpu")
         self.tasks = TaskSource(cfg)
-        self.settings = RolloutSettings.from_config(cfg)
         self.buffer = ReplayBuffer(cfg.push_every * cfg.groups_per_step, cfg.max_staleness, cfg.lease_timeout_s,
                                    None if cfg.drop_tau < 0 else cfg.drop_tau, cfg.order)
         self.learner = Learner(self.model, cfg)
         if resume:
             self._load(resume)
-        self.relay = WeightRelay(self.model.state_dict(), version=self.version)
+        policy = policy_config(self.model)
+        self.transport: Transport = (RayTransport(cfg, policy, self.tokenizer_file, log=self.log)
+                                     if cfg.backend == "ray" else ProcessTransport(cfg, policy, self.tokenizer_file))
+        self.trainer = None  # the transport's handle on the learner, from start() on
         self.lock = threading.Condition()
         self.workers: dict[int, _Worker] = {}
         self.parked: list = []
@@ -137,11 +139,8 @@ class Controller:
 
     def _load(self, path: str) -> None:
         state = load_trainer_state(path)
-        saved = state.get("train_config", {})
-        diff = config_diff(saved, asdict(self.cfg), RESUME_NEUTRAL)
-        if diff:
-            raise TrainError(f"--resume {path}: the run used different settings: " + "; ".join(diff)
-                             + ". Pass the same flags, or start a new run from its weights with --init-from")
+        check_resume(path, state.get("train_config", {}), asdict(self.cfg), RESUME_NEUTRAL,
+                     "the run used different settings")
         self.learner.opt.load_state_dict(state["optimizers"]["main"])
         set_rng_state(state["rng"])
         rl = state["rl_state"]
@@ -152,139 +151,156 @@ class Controller:
                  f"{len(self.buffer.done)} buffered groups, {len(self.buffer.requeue)} leases to re-issue")
 
     # ------------------------------------------------------------------------------------ workers
-    def _spawn(self, kind: str) -> _Worker:
-        ctx = mp.get_context("spawn")
-        wid = len(self.workers)
-        lease_r, lease_w = ctx.Pipe(duplex=False)
-        out_r, out_w = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=worker_main, name=f"rollout-{wid}", daemon=True,
-                           args=(wid, asdict(self.settings), self.model.config.to_hf_dict(), self.tokenizer_file,
-                                 self.relay, lease_r, out_w, self.t0))
-        proc.start()
-        lease_r.close()
-        out_w.close()  # our copy closed: a dead worker's pipe reads EOF instead of hanging
-        w = _Worker(wid, kind, proc, lease_w, out_r)
-        self.workers[wid] = w
-        return w
+    def _spawn(self, kind: str) -> None:
+        self.workers[wid] = _Worker(wid := len(self.workers), kind)
+        self.transport.spawn(wid, self.t0)
 
     def _check_workers(self) -> None:
+        """Dead workers: re-queue their leases now (one failure charged each), give up groups, replace the worker."""
+        c = self.cfg
         for w in list(self.workers.values()):
-            if w.dead or w.proc.exitcode is None:
+            why = None if w.dead else self.transport.exit_reason(w.wid)
+            if why is None:
                 continue
             w.dead = True
             self.counters["worker_deaths"] += 1
-            self.log(f"[rl] worker {w.wid} (pid {w.pid}) died with exit code {w.proc.exitcode}; its leases "
-                     f"{sorted(w.assigned)} expire in ≤ {self.cfg.lease_timeout_s:g}s and are re-queued; starting "
-                     f"a new worker from version {self.version}")
-            for c in (w.send, w.recv):
-                c.close()
-            if not self._stop.is_set():
+            self.counters["deaths_before_hello"] += w.pid is None
+            fate = {gid: self.buffer.fail(gid, a, c.max_task_failures, self.tasks(gid).task_id)
+                    for gid, a in sorted(w.assigned.items())}
+            w.assigned = {}
+            back = [g for g, f in fate.items() if f == "requeued"]
+            self.log(f"[rl] worker {w.wid} (pid {w.pid}) died ({why}); "
+                     + (f"its leases {back} are re-queued now; " if back else "")
+                     + f"starting a new worker from version {self.version}")
+            for gid in (g for g, f in fate.items() if f == "dropped"):
+                self.log(f"[rl] group {gid} (task {self.tasks(gid).task_id}) was on {c.max_task_failures} workers "
+                         f"that died (--max-task-failures {c.max_task_failures}; after the first it ran alone): "
+                         "given up, it will not be trained")
+            self.lock.notify_all()  # a given-up group may complete a batch
+            if self.counters["deaths_before_hello"] >= 3:
+                self._error = f"rollout workers die before they start (the last with {why}); see their stderr"
+            elif not self._stop.is_set():
                 self._spawn(w.kind)
                 self.counters["respawned"] += 1
 
     def _handle(self, w: _Worker, msg) -> None:
-        kind = msg[0]
-        if kind == "hello":
-            w.pid = msg[3]
-        elif kind == "error":
-            self._error = f"rollout worker {w.wid} failed:\n{msg[2]}"
-        elif kind == "renew":
-            for gid, attempt in msg[2]:
-                self.buffer.renew(gid, attempt)
-            self._worker_stats(w, msg[3])
-        elif kind == "group":
-            g = Group.from_dict(msg[2])
-            attach_advantages(g, self.cfg.std_normalize)
-            tokens = sum(t.n_loss_tokens for t in g.trajectories)
-            ok = self.buffer.complete(g)
-            self.counters["received_tokens"] += tokens
-            if ok:
-                self.group_tokens[g.group_id] = tokens
-            else:
-                self.counters["discarded_tokens"] += tokens
-            w.assigned.pop(g.group_id, None)
-            self._worker_stats(w, msg[3])
-            vs = [v for t in g.trajectories for _, v in t.versions]
-            self.group_log.append({"group_id": g.group_id, "worker": w.wid, "t": time.time() - self.t0,
-                                   "committed": ok, "reward": sum(t.reward for t in g.trajectories) / len(g.trajectories),
-                                   "tokens": tokens, "v_min": min(vs), "v_max": max(vs),
-                                   "segments": max(len(t.versions) for t in g.trajectories)})
-            self.lock.notify_all()
+        match msg:
+            case Hello(pid=pid):
+                w.pid = pid
+            case WorkerFailed(traceback=tb):
+                self._error = f"rollout worker {w.wid} failed:\n{tb}"
+            case Heartbeat(held=held, stats=st):
+                for gid, attempt in held:
+                    self.buffer.renew(gid, attempt)
+                self._worker_stats(w, st)
+            case GroupDone(group=g, stats=st):
+                self._commit(w, g, st)
+            case _:
+                self._error = f"rollout worker {w.wid} sent an unknown message {type(msg).__name__}"
 
-    def _worker_stats(self, w: _Worker, st: dict) -> None:
-        w.busy += st["busy"]
-        w.tokens = st["tokens"]
+    def _commit(self, w: _Worker, g: Group, st: WorkerStats) -> None:
+        """A finished group: advantages over the whole group, then commit (or discard if its lease is gone)."""
+        attach_advantages(g, self.cfg.std_normalize)
+        tokens = sum(t.n_loss_tokens for t in g.trajectories)
+        ok = self.buffer.complete(g)
+        self.counters["received_tokens"] += tokens
+        for t in g.trajectories:  # which rewards came from a program run inside bubblewrap
+            if t.meta.get("sandboxed") is not None:
+                self.counters["judged_sandboxed" if t.meta["sandboxed"] else "judged_unsandboxed"] += 1
+        if ok:
+            self.group_tokens[g.group_id] = tokens
+        else:
+            self.counters["discarded_tokens"] += tokens
+        w.assigned.pop(g.group_id, None)
+        self._worker_stats(w, st)
+        vs = [v for t in g.trajectories for _, v in t.versions]
+        self.group_log.append({"group_id": g.group_id, "worker": w.wid, "t": time.time() - self.t0,
+                               "committed": ok, "reward": sum(t.reward for t in g.trajectories) / len(g.trajectories),
+                               "tokens": tokens, "v_min": min(vs), "v_max": max(vs),
+                               "segments": max(len(t.versions) for t in g.trajectories),
+                               # the group's generation time and its slowest judge call (evaluation.plot_timeline)
+                               "gen_s": max(t.meta.get("gen_s", 0.0) for t in g.trajectories),
+                               "judge_s": max(t.meta.get("env_s", 0.0) for t in g.trajectories)})
+        self.lock.notify_all()
+
+    def _worker_stats(self, w: _Worker, st: WorkerStats) -> None:
+        w.busy += st.busy
+        w.tokens = st.tokens
 
     def _dispatch(self) -> None:
-        """Hand out leases: parked ones first, then newly admitted ones, to workers with room."""
-        # a worker holds up to worker_groups groups decoding, the groups its judge threads can wait on (they
-        # free their decode slot: rollout.Rollout.decoding; Little's law: a slow judge needs many in flight),
-        # and one prefetched lease
+        """Hand out leases, parked ones first, to workers with room. A suspect (a group whose worker died) runs
+        alone: on a worker reserved for it once that one has drained."""
+        # a worker holds up to worker_groups groups decoding, the groups its judge threads can wait on (they free
+        # their decode slot: Rollout.decoding; Little's law: a slow judge needs many in flight), one prefetched lease
         c = self.cfg
         cap = max(1, c.worker_groups) + math.ceil(c.env_threads / c.group_size) + 1
-        for w in self.workers.values():  # forget assignments whose lease expired or was re-issued
+        live = [w for w in self.workers.values() if not w.dead]
+        for w in live:  # forget assignments whose lease expired or was re-issued
             w.assigned = {g: a for g, a in w.assigned.items()
                           if g in self.buffer.leases and self.buffer.leases[g].attempt == a}
-        for lease, _ in self.parked:
+        for lease, _, _ in self.parked:
             self.buffer.renew(lease.group_id, lease.attempt)
 
-        def free(kind):
-            ws = [w for w in self.workers.values() if not w.dead and len(w.assigned) < cap
-                  and (not self.cfg.repack or w.kind == kind)]
-            return min(ws, key=lambda w: len(w.assigned)) if ws else None
+        def suspect(gid):
+            return self.buffer.failures.get(gid, 0) > 0
 
-        for item in list(self.parked):
-            w = free(item[2])
-            if w is not None:
-                self.parked.remove(item)
-                self._send(w, item[0], item[1])
-        while len(self.parked) < 4 * len(self.workers) and (free("short") or free("long")):
+        def open_to(kind, room=True):  # workers that may take a new group of this kind
+            return [w for w in live if w.reserved_for is None and not any(map(suspect, w.assigned))
+                    and (not room or len(w.assigned) < cap) and (not c.repack or w.kind == kind)]
+
+        def load(w):  # workers that said Hello first (a replacement may wait long for a node), then the least held
+            return w.pid is None, len(w.assigned)
+
+        def place(lease, task, kind) -> bool:
+            if not suspect(lease.group_id):
+                ws = open_to(kind)
+                w = min(ws, key=load) if ws else None
+            else:
+                mine = [w for w in live if w.reserved_for == lease.group_id] or open_to(kind, room=False)
+                if not mine:
+                    return False
+                w = min(mine, key=load)
+                w.reserved_for = lease.group_id
+                if w.assigned:
+                    return False  # not yet drained
+                w.reserved_for = None
+            return w is not None and self._send(w, lease, task)
+
+        self.parked = [item for item in self.parked if not place(*item)]
+        while len(self.parked) < 4 * len(live) and (open_to("short") or open_to("long")):
             lease = self.buffer.admit(self.version)
             if lease is None:
                 return
             task = self.tasks(lease.group_id)
-            kind = "long" if self.cfg.repack and self.tasks.length_hint(task) > self.cfg.long_threshold else "short"
-            w = free(kind)
-            if w is None:
+            kind = "long" if c.repack and self.tasks.length_hint(task) > c.long_threshold else "short"
+            if not place(lease, task, kind):
                 self.parked.append((lease, task, kind))
-            else:
-                self._send(w, lease, task)
 
-    def _send(self, w: _Worker, lease, task) -> None:
-        try:
-            w.send.send(("lease", lease, asdict(task)))
+    def _send(self, w: _Worker, lease, task) -> bool:
+        ok = self.transport.send(w.wid, Assign(lease, task))  # False: the worker is gone, the lease stays parked
+        if ok:
             w.assigned[lease.group_id] = lease.attempt
-        except (BrokenPipeError, OSError):
-            pass  # the worker died: the lease expires and is re-queued
+        return ok
 
     def _control_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                by_conn = {w.recv: w for w in self.workers.values() if not w.dead}
-                for conn in connection.wait(list(by_conn), timeout=0.01):
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
-                        continue  # dead: _check_workers notices the exit code
-                    with self.lock:
-                        self._handle(by_conn[conn], msg)
+                msgs = self.transport.poll(0.01)
                 with self.lock:
+                    for wid, msg in msgs:
+                        self._handle(self.workers[wid], msg)
                     self.buffer.expire()
                     self._check_workers()
                     self._dispatch()
         except Exception as e:  # surface in the trainer thread
-            import traceback
-
             self._error = f"controller thread failed: {e}\n{traceback.format_exc()}"
 
-    def kill_worker(self, wid: int | None = None, sig: int = 9) -> int:
-        """Send `sig` (SIGKILL) to a worker holding a lease (for the fault-tolerance test); returns its id."""
-        import os
-
+    def kill_worker(self, wid: int | None = None, sig: int = signal.SIGKILL) -> int:
+        """Kill a worker (SIGKILL / ray.kill), by default the one holding the most leases (fault tests); its id."""
         with self.lock:
             live = [w for w in self.workers.values() if not w.dead and w.pid]
             w = self.workers[wid] if wid is not None else max(live, key=lambda w: len(w.assigned))
-        os.kill(w.proc.pid, sig)
+        self.transport.kill(w.wid, sig)
         return w.wid
 
     # ------------------------------------------------------------------------------------ trainer
@@ -313,11 +329,11 @@ class Controller:
             return None
         t_train = time.time()
         v_train = self.version
-        info = self.learner.update(batch) if batch else {}
+        info = self.trainer.update(batch) if batch else {}
         self.step += max(1, min(self.cfg.push_every, len(batch))) if batch else self.cfg.push_every
-        self.relay.publish(self.model, v_train + 1)  # the relay never waits for workers
+        self.transport.publish(self.trainer.weights(), v_train + 1)  # never waits for workers
         if self.cfg.reset_optimizer:
-            self.learner.reset_optimizer()
+            self.trainer.reset_optimizer()
         with self.lock:
             self.version = v_train + 1
             stats = self.buffer.stats()
@@ -335,8 +351,8 @@ class Controller:
                "staleness": dict(sorted(stale.items())),
                "mean_len": sum(len(t.tokens) for t in trajs) / max(1, len(trajs)),
                **{k: v for k, v in info.items()},
-               **{k: stats.get(k, 0) for k in ("dropped_samples", "dropped_groups", "expired", "late_discarded",
-                                               "reissued", "buffered", "in_flight")}}
+               **{k: stats.get(k, 0) for k in ("dropped_samples", "dropped_groups", "failed_groups", "expired",
+                                               "requeued_dead", "late_discarded", "reissued", "buffered", "in_flight")}}
         self.history.append(rec)
         if on_step:
             on_step(rec)
@@ -344,6 +360,8 @@ class Controller:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        if self.trainer is not None:
+            self.trainer.sync(self.learner)  # --backend ray: the learner actor's weights and optimizer come here
         with self.lock:
             rl_state = {"buffer": self.buffer.state_dict(), "version": self.version,
                         "elapsed_s": self.elapsed0 + time.time() - self.t0}
@@ -354,7 +372,8 @@ class Controller:
 
     # ------------------------------------------------------------------------------------ the run
     def start(self) -> None:
-        """Spawn the workers and the control thread."""
+        """Open the transport (weights as the current version), start the workers and the control thread."""
+        self.trainer = self.transport.open(self.learner, self.version)  # (a Ray cluster may start here)
         self.t0 = time.time()
         n_long = self.cfg.long_workers if self.cfg.repack else 0
         for i in range(self.cfg.workers):
@@ -363,23 +382,23 @@ class Controller:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop the control thread and the workers; self.model then holds the trained weights (either backend)."""
         self._stop.set()
         if hasattr(self, "thread"):
             self.thread.join(timeout=10)
-        for w in self.workers.values():
-            if not w.dead:
-                try:
-                    w.send.send(("stop",))
-                except (BrokenPipeError, OSError):
-                    pass
-        for w in self.workers.values():
-            w.proc.join(timeout=10)
-            if w.proc.exitcode is None:
-                w.proc.kill()
-                w.proc.join(timeout=5)
+        if self.trainer is None:
+            return
+        try:
+            self.trainer.sync(self.learner)
+        except TrainError as e:
+            self.log(f"[rl] {e}")
+        self.trainer = None
+        self.transport.stop()
+        self.transport.close()
 
     def summary(self) -> dict:
-        """Throughput and idle figures of this run (rl.md §5 "Measuring async vs sync honestly")."""
+        """Throughput and idle figures of this run: trained tokens/s, trainer and rollout idle fractions,
+        staleness, wasted tokens (docs/benchmarks.md, section rl_throughput, compares async and sync on them)."""
         wall = max(1e-9, time.time() - self.t0)
         hist = self.history[-len(self.trainer_busy):] if self.trainer_busy else []
         trained = sum(h.get("trained_tokens", 0) for h in hist)
@@ -398,8 +417,11 @@ class Controller:
                 # generated but never trained: late/duplicate groups (expired leases) and τ-dropped samples
                 "wasted_token_frac": (self.counters["discarded_tokens"] + self.counters["dropped_tokens"]) / recv,
                 "dropped_samples": st.get("dropped_samples", 0), "dropped_lengths": st["dropped_lengths"],
-                "expired": st.get("expired", 0), "worker_deaths": self.counters["worker_deaths"],
-                "respawned": self.counters["respawned"], "steps": len(hist)}
+                "expired": st.get("expired", 0), "requeued_dead": st.get("requeued_dead", 0),
+                "failed_groups": st.get("failed_groups", 0), "worker_deaths": self.counters["worker_deaths"],
+                "respawned": self.counters["respawned"], "steps": len(hist),
+                "judged_sandboxed": self.counters["judged_sandboxed"],
+                "judged_unsandboxed": self.counters["judged_unsandboxed"]}
 
     def timeline(self) -> dict:
         return {"trainer": self.trainer_busy,
@@ -414,19 +436,24 @@ class Controller:
         self.log("[rl] config " + json.dumps(asdict(c)))
         eval_tasks = self.tasks.eval_tasks() if c.n_eval_tasks > 0 else []
         before = self._eval(eval_tasks, "before")
-        wb = self._wandb()
+        wb = init_wandb(c.wandb, c.wandb_project, self.out_dir, asdict(c))
         self.start()
-        deadline = time.time() + c.time_budget_s if c.time_budget_s > 0 else float("inf")
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"rl {c.mode}", disable=self.quiet or not c.progress,
-                   dynamic_ncols=True)
+        t_start, budget = time.time(), c.time_budget_s > 0
+        deadline = t_start + c.time_budget_s if budget else float("inf")
+        # the bar counts what binds: seconds toward --time-budget-s (steps in the postfix), else steps
+        bar = tqdm(total=math.ceil(c.time_budget_s) if budget else c.max_steps, initial=0 if budget else self.step,
+                   unit="step", desc=f"rl {c.mode}", disable=self.quiet or not c.progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s budget [{elapsed}<{remaining}{postfix}]"
+                   if budget else None)
         try:
             while self.step < c.max_steps:
                 rec = self.train_one(deadline)
                 if rec is None:
                     self.log(f"[rl] time budget of {c.time_budget_s:g}s reached at step {self.step}")
                     break
-                bar.update(rec["step"] - bar.n)
-                bar.set_postfix(reward=f"{rec['reward']:.3f}", v=rec["version"], stale=max(rec["staleness"], default=0),
+                bar.update((min(int(time.time() - t_start), bar.total) if budget else rec["step"]) - bar.n)
+                bar.set_postfix(**({"step": f"{self.step}/{c.max_steps}"} if budget else {}),
+                                reward=f"{rec['reward']:.3f}", v=rec["version"], stale=max(rec["staleness"], default=0),
                                 wait=f"{rec['wait_s']:.1f}s")
                 if self.step % c.log_every == 0:
                     self.log(f"[rl] step {self.step} v{self.version} reward {rec['reward']:.3f} "
@@ -446,7 +473,7 @@ class Controller:
             self.stop()
         after = self._eval(eval_tasks, "after")
         out = {"summary": summary, "eval_before": before, "eval_after": after, "history": self.history}
-        (self.out_dir / "metrics.jsonl").write_text("\n".join(json.dumps(h) for h in self.history) + "\n")
+        write_metrics(self.out_dir, self.history)
         (self.out_dir / "timeline.json").write_text(json.dumps(self.timeline()))
         (self.out_dir / "summary.json").write_text(json.dumps({k: v for k, v in out.items() if k != "history"},
                                                               indent=2))
@@ -462,6 +489,7 @@ class Controller:
         self.log(f"[rl] {s['steps']} steps in {s['wall_s']:.0f}s: {s['trained_tokens_per_s']:.1f} trained tok/s, "
                  f"{s['groups_per_s']:.2f} groups/s, trainer idle {s['trainer_idle_frac']:.0%}, rollout idle "
                  f"{s['rollout_idle_frac']:.0%}, staleness {s['staleness_hist']}")
+        self.log(f"[rl] {judged_line(s['judged_sandboxed'], s['judged_unsandboxed'])}")
         if wb is not None:
             wb.finish()
         return out
@@ -470,40 +498,8 @@ class Controller:
         if not tasks:
             return {}
         t = time.time()
-        res = evaluate(self.model, self.tokenizer, tasks, self.settings, samples=self.cfg.eval_samples)
+        res = evaluate(self.model, self.tokenizer, tasks, self.cfg, samples=self.cfg.eval_samples)
         sampled = f", sampled pass@1 {res['sampled']:.3f} ({self.cfg.eval_samples} draws/task)" if "sampled" in res else ""
         self.log(f"[rl] eval {when}: greedy pass@1 {res['acc']:.3f}{sampled} on {res['n']} held-out tasks "
-                 f"({time.time() - t:.0f}s)")
+                 f"({time.time() - t:.0f}s); {judged_line(res['judged_sandboxed'], res['judged_unsandboxed'])}")
         return res
-
-    def _wandb(self):
-        if not self.cfg.wandb:
-            return None
-        import os
-
-        import wandb
-
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        return wandb.init(project=self.cfg.wandb_project, config=asdict(self.cfg), mode=mode, dir=str(self.out_dir))
-
-
-def plot_reward_vs_time(runs: dict[str, list[dict]], path) -> None:
-    """Mean batch reward against wall-clock seconds (and against steps), one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, hist in runs.items():
-        axes[0].plot([h["time"] for h in hist], [h["reward"] for h in hist], marker=".", label=name)
-        axes[1].plot([h["step"] for h in hist], [h["reward"] for h in hist], marker=".", label=name)
-    axes[0].set_xlabel("wall clock (s)")
-    axes[1].set_xlabel("optimizer step")
-    for ax in axes:
-        ax.set_ylabel("mean reward of the trained batch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

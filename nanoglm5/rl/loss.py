@@ -1,6 +1,6 @@
-"""Per-token policy-gradient losses for RL with stale rollouts (rl.md §2–3, GLM-5 §3.2–3.3, §4.1).
+"""Per-token policy-gradient losses for RL with stale rollouts (GLM-5 arXiv 2602.15763 §3.2–3.3, §4.1).
 
-Notation (rl.md §2): μ = π_rollout, the distribution the worker actually sampled from (its
+Notation: μ = π_rollout, the distribution the worker actually sampled from (its
 log-probs travel with the trajectory, token-in-token-out); π_old = log-probs the trainer recomputes
 before the update (default here: sg(π_θ), i.e. one gradient step per batch, so π_θ/π_old = 1 in
 value); π_θ = the policy being optimized; A = advantage, broadcast to every response token.
@@ -19,14 +19,14 @@ value); π_θ = the policy being optimized; A = advantage, broadcast to every re
   kind="ddis"        GLM-5 direct double-sided IS (§3.3, §4.1.2, Eqs. 3–5): r = exp(log π_θ − log μ),
                      f(r) = r if 1−ε_l < r < 1+ε_h (strict) else 0; ℓ = −sg(f(r))·A·log π_θ, so the
                      gradient is r·A·∇log π_θ inside the band and 0 outside. No π_old at all.
-                     [G] stop-gradient weight and ε_l = 0.2, ε_h = 0.28 are rl.md's guesses: the report
+                     The stop-gradient weight and ε_l = 0.2, ε_h = 0.28 are our guesses: the report
                      gives neither.
 
 Aggregation over a padded [B, T] batch with loss_mask (1 = a sampled response token):
   "token_mean"   Σ_{b,t} m·ℓ / Σ_{b,t} m               (DAPO; GLM-4.5 §3.2 preferred it for code RL)
   "sample_mean"  (1/B) Σ_b [Σ_t m·ℓ / Σ_t m]           (GRPO's 1/G Σ 1/|y_i| Σ_t; slime's default)
 Tokens rejected by an IS band (ddis, icepop) keep their place in the denominators, as slime does
-(its per-rollout denominators are not reduced by the TIS/IcePop mask; rl.md §5 test 2, slime PR #657):
+(its per-rollout denominators are not reduced by the TIS/IcePop mask; slime PR #657):
 rejection scales the step down instead of re-weighting the surviving tokens up. In sample_mean a
 sample with no loss tokens contributes 0 and still counts in B (slime divides by the batch size).
 

@@ -1,10 +1,10 @@
-"""WeightRelay: versioned, double-buffered shared-memory weights guarded by a seqlock (rl.md §1.3, §5).
+"""WeightRelay: versioned, double-buffered shared-memory weights guarded by a seqlock (GLM-5 arXiv 2602.15763 §4.1).
 
 The trainer publishes new weights without waiting for anyone; rollout workers pull the latest
 version whenever they choose (between groups, or every N decode steps mid-trajectory). This is the
 pull-based "relay" of Laminar (arXiv 2510.12633: "rollouts pull the latest weight anytime without
 stalling the actor's training loop"), in one machine's shared memory rather than slime's
-push-and-pause NCCL broadcast (rl.md §1.3).
+push-and-pause NCCL broadcast.
 
 Layout: a state_dict is flattened into one fp32 tensor per slot (two slots, `share_memory_()`),
 with a table of (name, shape, offset). Beside them, in shared memory: `seq[slot]`, `version[slot]`
@@ -24,6 +24,9 @@ around the counter update/read itself — for the memory barriers — never duri
 Pass a relay to spawned children as a `Process` argument (tensors travel as shared-memory handles
 via torch.multiprocessing, the counters by inheritance); do not send it through a Queue.
 Simplified: everything is stored as fp32 (integer buffers are exact below 2^24); one writer only.
+A pull copies into the target's own device and dtype (a bf16 model on the GPU with --device cuda): a copy from
+these pageable CPU slots to the GPU returns only when done, so the seqlock's second read still follows the copy;
+a publish from a GPU model copies back the same way.
 """
 
 from __future__ import annotations

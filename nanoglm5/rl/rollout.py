@@ -1,30 +1,34 @@
-"""Rollout: whole GRPO groups, token-in-token-out, and the worker process that generates them (rl.md §1.5, §5).
+"""Rollout: whole GRPO groups, token-in-token-out, and the worker process that generates them.
 
-Holds, top to bottom:
-  - `RolloutSettings`: what a worker needs to know (group size G, lengths, weight-pickup policy, threads);
+Holds, top to bottom (a worker reads its settings from the run's `RLConfig`: group size G, lengths,
+weight-pickup policy, threads):
   - seeds: every sample's sampling seed is a pure function of (seed, group_id, sample, turn), so a group
     comes out the same whichever worker generates it, and again when a killed worker's group is re-issued;
   - `Rollout`: the generation loop of one worker, usable in-process too (evaluation, the synchronous
     reference of the tests). It decodes up to `worker_groups` groups together in one `Engine`
     (continuous batching), records per token the sampled id, its log-prob under the distribution
-    actually sampled (temperature 1, no top-k/top-p: the behaviour policy μ of the IS ratios is exact),
+    actually sampled (softmax(logits / T), no top-k/top-p: the behaviour policy μ of the IS ratios is
+    exact, and the learner's π_θ is the same tempered distribution),
     the loss-mask bit and the weight version of each segment, and runs the judge (`env.reward`, which
     for code runs the program in the sandbox) and multi-turn `AgentEnv.step`s in a thread pool, so a
     slow environment (its latency) never stalls the decoding of the other sequences;
   - `worker_main`: the process body: pull weights from the relay, take leases, generate, send groups,
-    renew leases (heartbeats), and pull newer weights between groups or mid-trajectory.
+    renew leases (heartbeats), and pull newer weights between groups or mid-trajectory; it talks to the
+    controller in the dataclasses of messages.py.
 
 TITO (GLM-5 §4.1.2): the trajectory is the list of ids the engine sampled, prompt first; observations
 are appended as tokens of the chat template's `<|observation|>` turn (loss mask 0) followed by the
 `<|assistant|>` generation prompt (mask 0). Text is decoded only to show the environment what the model
-wrote; it is never re-encoded into the trajectory. A turn's stop token (`<|observation|>`,
-`<|user|>` or `<|endoftext|>`) was sampled, so it is trained (mask 1), as in SFT's render_chat.
+wrote; it is never re-encoded into the trajectory. Template pieces appended mid-trajectory are rendered
+without the conversation prefix (`Tokenizer.prefix_ids`, `[gMASK]<sop>`). A turn's stop token
+(`<|observation|>`, `<|user|>` or `<|endoftext|>`) was sampled, so it is trained (mask 1), as in SFT's
+render_chat.
 
-Weight pickup (rl.md §5): `partial_rollout=False` (slime): the engine's weights change only when it is
-empty; a lease whose min_version is newer than the loaded weights waits until the running groups drain.
+Weight pickup: `partial_rollout=False` (slime, GLM's RL framework): the engine's weights change only when
+it is empty; a lease whose min_version is newer than the loaded weights waits until the running groups drain.
 `partial_rollout=True` (AReaL/Laminar): every `pull_every` decode steps the worker polls the relay and
 swaps weights under running sequences, whose KV cache stays as the old weights wrote it; each sequence
-then records a new segment (start index, version), GLM-5's w₀…w_k.
+then records a new segment (start index, version), GLM-5's w₀…w_k (arXiv 2602.15763 §4.1).
 """
 
 from __future__ import annotations
@@ -36,34 +40,19 @@ import threading
 import time
 import traceback
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import torch
 
+from nanoglm5.data.tasks import Task
+from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.rl.buffer import Group, Lease, Trajectory
-from nanoglm5.rl.envs import Task, make_env
-
-
-@dataclass
-class RolloutSettings:
-    group_size: int = 8  # G samples per prompt (one GRPO group)
-    max_new_tokens: int = 48  # per assistant turn
-    max_len: int = 256  # whole trajectory, prompt and observations included
-    temperature: float = 1.0  # 1.0 with no top-k/top-p: μ is the model's own distribution
-    worker_groups: int = 1  # groups decoded together in one engine (continuous batching)
-    partial_rollout: bool = False  # swap weights under running sequences (per-segment versions)
-    pull_every: int = 8  # decode steps between relay polls when partial_rollout
-    worker_threads: int = 1  # torch.set_num_threads in each worker (oversubscription ruins timing)
-    seed: int = 1337
-    renew_every_s: float = 1.0  # heartbeat period: renews every lease the worker holds
-    env_threads: int = 32  # judge / environment calls in flight per worker
-    env_latency_s: float = 0.0  # AgentEnv tool-call latency median (lognormal, p99/p50 = 10)
-
-    @classmethod
-    def from_config(cls, cfg) -> RolloutSettings:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+from nanoglm5.rl.envs import make_env
+from nanoglm5.rl.learner import build_policy
+from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, Stop, WorkerFailed, WorkerStats
+from nanoglm5.rl.rl_config import RLConfig
 
 
 def sample_seed(seed: int, group_id: int, index: int, turn: int = 0) -> int:
@@ -72,12 +61,12 @@ def sample_seed(seed: int, group_id: int, index: int, turn: int = 0) -> int:
     return int.from_bytes(h, "little") >> 2
 
 
-def make_envs(settings: RolloutSettings) -> dict:
+def make_envs(cfg: RLConfig) -> dict:
     """One instance per environment name; the agent env gets the latency knob."""
     return {
         "math": make_env("math"),
-        "code": make_env("code"),
-        "agent": make_env("agent", latency_median_s=settings.env_latency_s),
+        "code": make_env("code", allow_unsandboxed=cfg.allow_unsandboxed),
+        "agent": make_env("agent", latency_median_s=cfg.env_latency_s),
     }
 
 
@@ -99,6 +88,7 @@ class _Sample:
     finish: str = ""
     env_s: float = 0.0
     judging: bool = False  # fully generated; only the final judge call is outstanding
+    sandboxed: bool | None = None  # the code judge ran the program inside bubblewrap (None: no program ran)
 
 
 @dataclass(eq=False)
@@ -111,24 +101,27 @@ class _GroupRun:
 
 class Rollout:
     """Generate GRPO groups with one engine. `start(lease, task)`, then `step()` until `busy()` is False;
-    each `step()` returns the `Group`s that finished. `set_version(v)` after loading new weights."""
+    each `step()` returns the `Group`s that finished. `set_version(v)` after loading new weights.
+    Reads from `cfg`: group_size, max_new_tokens, max_len, temperature, worker_groups, seed, env_threads,
+    env_latency_s (the worker loop also reads partial_rollout, pull_every, worker_threads, renew_every_s)."""
 
-    def __init__(self, model, tokenizer, settings: RolloutSettings, version: int = 0, envs: dict | None = None,
+    def __init__(self, model, tokenizer, cfg: RLConfig, version: int = 0, envs: dict | None = None,
                  greedy: bool = False):
-        s = self.s = settings
+        c = self.cfg = cfg
         self.tok, self.version, self.greedy = tokenizer, version, greedy
-        max_batch = max(1, s.worker_groups) * s.group_size
-        self.engine = Engine(model, max_batch=max_batch, max_tokens_in_flight=max_batch * s.max_len,
-                             max_seq_len=s.max_len)
-        self.envs = envs or make_envs(s)
-        self.pool = ThreadPoolExecutor(max(1, s.env_threads), thread_name_prefix="env")
+        max_batch = max(1, c.worker_groups) * c.group_size
+        self.engine = Engine(model, max_batch=max_batch, max_tokens_in_flight=max_batch * c.max_len,
+                             max_seq_len=c.max_len)
+        self.envs = envs or make_envs(c)
+        self.pool = ThreadPoolExecutor(max(1, c.env_threads), thread_name_prefix="env")
         self.groups: dict[int, _GroupRun] = {}
         self.requests: dict[str, _Sample] = {}
         self.pending: list[tuple] = []  # (future, sample, kind)
         self.stop_ids = list(tokenizer.stop_ids)
         obs = tokenizer.special["<|observation|>"]
         self.obs_id = obs
-        self.gen_prompt = tokenizer.render_chat([], add_generation_prompt=True)[0][2:]  # <|assistant|> \n
+        self.n_prefix = len(tokenizer.prefix_ids)  # [gMASK]<sop>: opens a conversation, not a turn
+        self.gen_prompt = tokenizer.render_chat([], add_generation_prompt=True)[0][self.n_prefix:]  # <|assistant|> \n
         self.tokens_generated = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -138,7 +131,7 @@ class Rollout:
     def decoding(self) -> int:
         """Groups that may still need the engine. A group whose samples only wait for their final judge
         call (a slow test suite, a remote grader) frees its decode slot and keeps no weights pinned:
-        the engine starts the next group meanwhile, instead of idling for the judge (rl.md §5)."""
+        the engine starts the next group meanwhile, instead of idling for the judge."""
         return sum(not all(s.reward is not None or s.judging for s in g.samples) for g in self.groups.values())
 
     def held(self) -> list[tuple[int, int]]:
@@ -160,12 +153,12 @@ class Rollout:
     # -- starting and continuing turns -------------------------------------------------------------
     def start(self, lease: Lease, task: Task) -> None:
         prompt = self.tok.render_prompt(task.messages)
-        if len(prompt) >= self.s.max_len:
+        if len(prompt) >= self.cfg.max_len:
             raise ValueError(f"task {task.task_id}: prompt of {len(prompt)} tokens does not fit max_len="
-                             f"{self.s.max_len}; raise --max-len")
+                             f"{self.cfg.max_len}; raise --max-len")
         g = _GroupRun(lease, task, t_start=time.time())
         env = self.envs[task.env]
-        for i in range(self.s.group_size):
+        for i in range(self.cfg.group_size):
             smp = _Sample(g, i, list(prompt), [0.0] * len(prompt), [0] * len(prompt), [(0, self.version)],
                           turn_start=len(prompt))
             if hasattr(env, "reset"):
@@ -176,17 +169,17 @@ class Rollout:
             self._add_turn(smp)
 
     def _add_turn(self, smp: _Sample) -> None:
-        g, s = smp.group, self.s
+        g, c = smp.group, self.cfg
         forced = g.task.meta.get("forced_len")  # benchmark workload: decode exactly this many tokens
-        room = s.max_len - len(smp.tokens)
-        n = min(forced if forced else s.max_new_tokens, room)
+        room = c.max_len - len(smp.tokens)
+        n = min(forced if forced else c.max_new_tokens, room)
         if n < 1:
             self._finish(smp, 0.0, "max_len")
             return
         smp.turn_start = len(smp.tokens)
         params = SamplingParams(
-            max_tokens=n, temperature=0.0 if self.greedy else s.temperature, top_p=1.0, top_k=0,
-            seed=sample_seed(s.seed, g.lease.group_id, smp.index, smp.turn),
+            max_tokens=n, temperature=0.0 if self.greedy else c.temperature, top_p=1.0, top_k=0,
+            seed=sample_seed(c.seed, g.lease.group_id, smp.index, smp.turn),
             stop_token_ids=() if forced else self.stop_ids,
         )
         rid = f"{g.lease.group_id}:{g.lease.attempt}:{smp.index}:{smp.turn}"
@@ -210,11 +203,11 @@ class Rollout:
 
     def _observe(self, smp: _Sample, obs: str) -> None:
         """Append the observation turn and the next generation prompt (mask 0), then continue."""
-        ids = self.tok.render_chat([{"role": "observation", "content": obs}])[0][2:]  # <|observation|> \n obs
+        ids = self.tok.render_chat([{"role": "observation", "content": obs}])[0][self.n_prefix:]  # <|observation|> \n obs
         if smp.tokens[-1] == self.obs_id:  # the model already closed its turn with <|observation|>
             ids = ids[1:]
         ids = ids + self.gen_prompt
-        if len(smp.tokens) + len(ids) >= self.s.max_len:  # no room for another turn
+        if len(smp.tokens) + len(ids) >= self.cfg.max_len:  # no room for another turn
             self._finish(smp, 0.0, "max_len")
             return
         smp.tokens += ids
@@ -250,12 +243,13 @@ class Rollout:
             result, dt = fut.result()  # an exception in a judge is a bug: let it surface
             smp.env_s += dt
             if kind == "reward":
-                self._finish(smp, result, "done")
+                reward, smp.sandboxed = result
+                self._finish(smp, reward, "done")
             else:
                 obs, done, reward = result
                 if done:
                     self._finish(smp, reward, "done")
-                elif len(smp.tokens) + 1 >= self.s.max_len:
+                elif len(smp.tokens) + 1 >= self.cfg.max_len:
                     self._finish(smp, 0.0, "max_len")
                 else:
                     self._observe(smp, obs)
@@ -267,8 +261,9 @@ class Rollout:
         for gid in [gid for gid, g in self.groups.items() if all(s.reward is not None for s in g.samples)]:
             g = self.groups.pop(gid)
             trajs = [Trajectory(s.tokens, s.logprobs, s.mask, s.reward, s.versions,
-                                {"turns": s.turn + 1, "env_s": round(s.env_s, 4), "finish": s.finish,
-                                 "gen_s": round(time.time() - g.t_start, 4)})
+                                meta={"turns": s.turn + 1, "env_s": round(s.env_s, 4), "finish": s.finish,
+                                      "sandboxed": s.sandboxed,
+                                      "gen_s": round(time.time() - g.t_start, 4)})
                      for s in g.samples]
             out.append(Group(gid, g.lease.attempt, trajs, g.task.task_id))
         return out
@@ -277,7 +272,7 @@ class Rollout:
         """Generate the given groups to completion (in-process use); groups in the given order."""
         todo, done = deque(leases_tasks), {}
         while todo or self.busy():
-            while todo and self.decoding() < max(1, self.s.worker_groups):
+            while todo and self.decoding() < max(1, self.cfg.worker_groups):
                 self.start(*todo.popleft())
             for g in self.step():
                 done[g.group_id] = g
@@ -287,10 +282,15 @@ class Rollout:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _judge(env, task: Task, text: str, latency_s: float) -> float:
-    if latency_s > 0:  # a slow judge (a test suite, a remote grader) in the benchmark workload
+def _judge(env, task: Task, text: str, latency_s: float) -> tuple[float, bool | None]:
+    """(reward, sandboxed): whether the program the reward came from ran inside bubblewrap (None when the
+    environment runs no program)."""
+    if latency_s > 0:  # benchmark workload: a judge that takes this long (a test suite, a remote grader)
         time.sleep(latency_s)
-    return env.reward(task, text)
+    if hasattr(env, "judge"):
+        reward, details = env.judge(task, text)
+        return reward, details.get("sandboxed")
+    return env.reward(task, text), None
 
 
 def _timed(fn, *args):
@@ -300,8 +300,6 @@ def _timed(fn, *args):
 
 
 def _wait_any(futures, timeout: float) -> None:
-    from concurrent.futures import FIRST_COMPLETED, wait
-
     wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
 
 
@@ -332,47 +330,47 @@ class _Sender:
         self.thread.join(timeout=5)
 
 
-def worker_main(wid: int, settings: dict, model_config: dict, tokenizer_file: str, relay, lease_conn, out_conn,
+def worker_main(wid: int, cfg: dict, model_config: dict, tokenizer_file: str, relay, lease_conn, out_conn,
                 t0: float) -> None:
-    """Body of a rollout worker process (spawned by the controller).
+    """Body of a rollout worker (a process of the mp transport, a thread in a Ray actor) with the run's RLConfig
+    as a dict.
 
-    Inbox (lease_conn): ("lease", Lease, task dict) or ("stop",). Outbox (out_conn): ("hello", wid, version,
-    pid), ("renew", wid, [(group_id, attempt)], stats), ("group", wid, group dict, stats), ("error", wid, text).
-    stats: busy intervals since the last message (seconds since t0), tokens generated, weight pulls.
+    Inbox (lease_conn: poll(timeout), recv()): Assign or Stop. Outbox (out_conn: send(msg)): Hello, then
+    Heartbeat and GroupDone (each with the WorkerStats since the previous report), or WorkerFailed
+    (messages.py). Weights (relay: latest_version(), pull(model, min_version=...)): the WeightRelay, or
+    ray_transport.ObjectStoreWeights.
     """
     sender = _Sender(out_conn)
     try:
-        _worker_loop(wid, RolloutSettings(**settings), model_config, tokenizer_file, relay, lease_conn, sender, t0)
+        _worker_loop(wid, RLConfig(**cfg), model_config, tokenizer_file, relay, lease_conn, sender, t0)
     except (EOFError, BrokenPipeError):  # the controller is gone
         pass
     except Exception:
-        sender.send(("error", wid, traceback.format_exc()))
+        sender.send(WorkerFailed(wid, traceback.format_exc()))
     finally:
         sender.close()
 
 
-def _worker_loop(wid, s: RolloutSettings, model_config, tokenizer_file, relay, lease_conn, sender, t0):
-    from nanoglm5.config import ModelConfig
-    from nanoglm5.model import GLM5
-    from nanoglm5.tokenizer import Tokenizer
-
-    torch.set_num_threads(s.worker_threads)
+def _worker_loop(wid, cfg: RLConfig, model_config, tokenizer_file, relay, lease_conn, sender, t0):
+    torch.set_num_threads(cfg.worker_threads)
     torch.manual_seed(0)
-    model = GLM5(ModelConfig.from_hf_dict(model_config)).eval()
+    model = build_policy(model_config)  # the learner's modules (QAT ones for a QAT policy)
+    if cfg.device == "cuda":  # a bf16 copy on the GPU (shared with the learner); pulls copy into it in place
+        model = model.to("cuda", torch.bfloat16)
     version = relay.pull(model)
-    ro = Rollout(model, Tokenizer.load(tokenizer_file), s, version)
-    sender.send(("hello", wid, version, os.getpid()))
+    ro = Rollout(model, Tokenizer.load(tokenizer_file), cfg, version)
+    sender.send(Hello(wid, version, os.getpid()))
     queued: deque = deque()
     busy: list[list[float]] = []  # [start, end] seconds since t0 with work in the engine or the env
     pulls, steps_since_poll, last_renew = 0, 0, time.time()
 
-    def stats():
+    def stats() -> WorkerStats:
         """Busy intervals since the last report (an open one is cut at now and reopened)."""
         nonlocal busy
         now, was_open = time.time() - t0, bool(busy) and busy[-1][1] is None
         if was_open:
             busy[-1][1] = now
-        out = {"busy": busy, "tokens": ro.tokens_generated, "pulls": pulls, "version": ro.version}
+        out = WorkerStats(busy, ro.tokens_generated, pulls, ro.version)
         busy = [[now, None]] if was_open else []
         return out
 
@@ -384,20 +382,21 @@ def _worker_loop(wid, s: RolloutSettings, model_config, tokenizer_file, relay, l
 
     while True:
         while lease_conn.poll():
-            msg = lease_conn.recv()
-            if msg[0] == "stop":
-                return
-            queued.append((msg[1], Task(**msg[2])))
+            match lease_conn.recv():
+                case Stop():
+                    return
+                case Assign(lease, task):
+                    queued.append((lease, task))
         # weights: freshest version allowed by the pickup policy (the relay never makes the trainer wait)
         if relay.latest_version() > ro.version:
-            if not ro.decoding() or (s.partial_rollout and steps_since_poll >= s.pull_every):
+            if not ro.decoding() or (cfg.partial_rollout and steps_since_poll >= cfg.pull_every):
                 pull()
                 steps_since_poll = 0
         # start queued leases while there is room and our weights are fresh enough for them
-        while queued and ro.decoding() < max(1, s.worker_groups):
+        while queued and ro.decoding() < max(1, cfg.worker_groups):
             lease, task = queued[0]
             if ro.version < lease.min_version:
-                if ro.decoding() and not s.partial_rollout:
+                if ro.decoding() and not cfg.partial_rollout:
                     break  # drain the running groups first, then swap (between-groups pickup)
                 pull(min_version=lease.min_version)
             queued.popleft()
@@ -407,13 +406,13 @@ def _worker_loop(wid, s: RolloutSettings, model_config, tokenizer_file, relay, l
             if not busy or busy[-1][1] is not None:
                 busy.append([now, None])
             for g in ro.step():
-                sender.send(("group", wid, asdict(g), stats()))
+                sender.send(GroupDone(wid, g, stats()))
             steps_since_poll += 1
         else:
             if busy and busy[-1][1] is None:
                 busy[-1][1] = now
             lease_conn.poll(0.005)
-        if time.time() - last_renew > s.renew_every_s:
+        if time.time() - last_renew > cfg.renew_every_s:
             last_renew = time.time()
             held = ro.held() + [(lease.group_id, lease.attempt) for lease, _ in queued]
-            sender.send(("renew", wid, held, stats()))
+            sender.send(Heartbeat(wid, held, stats()))

@@ -1,20 +1,21 @@
 """Sandbox for the grounded judge: run untrusted Python, return what happened, harm nothing.
 
-DESIGN.md §5 ("Grounded judge"): rewards come from *running* model output. The model is tiny and
-its code is often broken or accidentally hostile (infinite loops, fork bombs, memory bombs, floods
-of output), so every run is bounded and always returns a `SandboxResult`; it never hangs and never
-raises for anything the program does.
+RL rewards come from *running* model output (verifiable rewards, GLM-5 arXiv 2602.15763 §3.2). The
+model is tiny and its code is often broken or accidentally hostile (infinite loops, fork bombs,
+memory bombs, floods of output), so every run is bounded and always returns a `SandboxResult`; it
+never hangs and never raises for anything the program does.
 
 Layers, outermost first:
-1. bubblewrap (`bwrap`), when it works on this machine: a fresh root holding only read-only system
-   dirs and the Python install, a size-capped private tmpfs as the only writable place (cwd
-   `/sandbox`, and `/tmp`), no network (`--unshare-net`), its own PID namespace (`--unshare-pid`,
-   so everything it spawned dies with it), `--die-with-parent`, `--new-session`, an empty
-   environment (`--clearenv`). The host never sees the files it writes.
-2. A distinct uid: as root, the program runs under a fresh, unused uid (one per run), because
-   Linux does not enforce RLIMIT_NPROC for uid 0; a fork bomb then stops at `max_procs` tasks, and
-   leftover processes of that uid are swept after the run. Not root: the uid stays ours and
-   RLIMIT_NPROC is set to (our current task count + `max_procs`).
+1. bubblewrap (`bwrap`): a fresh root holding only read-only system dirs and the Python install, a
+   size-capped private tmpfs as the only writable place (cwd `/sandbox`, and `/tmp`), no network
+   (`--unshare-net`), its own PID namespace (`--unshare-pid`, so everything it spawned dies with
+   it), `--die-with-parent`, `--new-session`, an empty environment (`--clearenv`). The host never
+   sees the files it writes.
+2. Never root: as root, the program runs under a fresh, unused uid (one per run), because Linux
+   does not enforce RLIMIT_NPROC for uid 0; a fork bomb then stops at `max_procs` tasks, and
+   leftover processes of that uid are swept after the run. Not root: the uid stays ours (inside
+   bubblewrap it shows as "nobody") and RLIMIT_NPROC is set to (our current task count +
+   `max_procs`). The launcher refuses to start the program if it still holds uid 0.
 3. rlimits set by a small trusted launcher inside the child before the program starts:
    RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0. (A launcher
    rather than `preexec_fn`: `preexec_fn` can deadlock in a threaded parent such as a torch
@@ -23,12 +24,17 @@ Layers, outermost first:
    group, stdout/stderr read with a byte cap (a flood is cut, flagged `limit_hit="output"` and
    killed), an empty temporary working directory and a scrubbed environment.
 
-Without bwrap (not installed, not permitted here, `use_bwrap=False`, or `NANOGLM5_NO_BWRAP=1`)
-layers 2–4 remain and a loud one-time warning says so. Simplified: then there is no filesystem or
-network isolation from the OS, only a PEP 578 audit-hook tripwire in the launcher that refuses
-fork/exec/subprocess, sockets, ctypes, writes outside the working directory and reads of other
-processes' /proc entries. Audit hooks are not a security boundary (PEP 578 says so): they stop
-accidents, not a determined attacker. Use bwrap for anything you would not run yourself.
+Without bubblewrap (not installed, no namespaces in this container, `use_bwrap=False`, or
+`NANOGLM5_NO_BWRAP=1`) `run_code` refuses with `SandboxUnavailable`, unless the caller passes
+`allow_unsandboxed=True` (`--allow-unsandboxed` on the command lines): then layers 2-4 remain and a
+loud one-line warning says so. That fallback has no filesystem or network isolation from the OS,
+only a PEP 578 audit-hook tripwire in the launcher that refuses fork/exec/subprocess, sockets,
+ctypes, writes outside the working directory and reads of other processes' /proc entries. Audit
+hooks are not a security boundary (PEP 578 says so): they stop accidents, not a determined
+attacker. As root it also needs an interpreter that an unprivileged uid can run (`python=`;
+a Python under a 0700 /root is not), else it refuses rather than run the program as root.
+
+The code judge builds on `run_code` in judge.py (`run_calls`: call inside, compare outside).
 """
 
 from __future__ import annotations
@@ -50,9 +56,14 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-NO_BWRAP_ENV = "NANOGLM5_NO_BWRAP"  # set to 1 to force the fallback (no bubblewrap)
+NO_BWRAP_ENV = "NANOGLM5_NO_BWRAP"  # 1: skip bubblewrap (then runs need allow_unsandboxed)
 SANDBOX_UID_BASE = 1_500_000_000  # fresh uids are drawn from [base, base + 10^8): unused by any account
 _PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run this program safely (no working bubblewrap and unsandboxed runs were
+    not allowed, or the program could only run as root); nothing was run."""
 
 
 @dataclass
@@ -96,6 +107,8 @@ for name, lim in cfg["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (lim, lim) if name != "RLIMIT_CPU" else (lim, lim + 1))
 if cfg["uid"] is not None:  # root only: drop to the fresh uid (clears all capabilities)
     os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
+if 0 in (os.getuid(), os.geteuid()):
+    sys.stderr.write("sandbox: refusing to run the program as root\n"); sys.exit(126)
 os.chdir(cfg["cwd"])
 src = open(cfg["main"], encoding="utf-8").read()
 GUARD
@@ -147,10 +160,18 @@ def _launcher_source(guard: bool, root: str) -> str:
 # bubblewrap
 
 
-def _python_roots() -> list[str]:
-    """Host dirs the sandbox needs to run this Python (its install prefix, maybe outside /usr)."""
-    roots = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))}
-    return sorted(r for r in roots if not r.startswith("/usr/"))
+@functools.lru_cache(maxsize=8)
+def _python_roots(python: str) -> tuple[str, ...]:
+    """Host dirs the sandbox needs to run `python` (its install prefix, maybe outside /usr)."""
+    if python == sys.executable:
+        dirs = [sys.base_prefix, sys.prefix]
+    else:  # another interpreter: ask it where it lives
+        query = "import sys; print(sys.base_prefix); print(sys.prefix)"
+        out = subprocess.run([python, "-I", "-c", query], capture_output=True, text=True, timeout=30)
+        dirs = out.stdout.splitlines()[:2]
+    dirs += [os.path.dirname(python), os.path.dirname(os.path.realpath(python))]
+    roots = {os.path.realpath(p) for p in dirs if p}
+    return tuple(sorted(r for r in roots if not r.startswith("/usr/")))
 
 
 def _ancestors(path: str) -> list[str]:
@@ -159,8 +180,8 @@ def _ancestors(path: str) -> list[str]:
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _bwrap_argv(judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
-    argv = ["bwrap", "--ro-bind", "/usr", "/usr"]
+def _bwrap_argv(bwrap: str, python: str, judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
+    argv = [bwrap, "--ro-bind", "/usr", "/usr"]
     for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):  # merged-/usr systems: symlinks
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]
@@ -169,7 +190,7 @@ def _bwrap_argv(judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
     # the private /tmp first: a Python installed under /tmp (a venv there) is then bound on top of it
     argv += ["--size", str(tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
     made = {"/tmp"}
-    for r in _python_roots():
+    for r in _python_roots(python):
         # bwrap would create the parents 0700 (unreadable once the program drops to its own uid)
         parents = [p for p in _ancestors(r) if p not in made]
         for p in parents:
@@ -217,18 +238,36 @@ def _bwrap_argv(judge_dir: str, tmpfs_bytes: int, as_root: bool) -> list[str]:
     return argv + ["--"]
 
 
+INSTALL_HINT = (
+    "Install bubblewrap: `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` "
+    "(Fedora/RHEL); inside a container it also needs permission to create user namespaces."
+)
+
+
 @functools.lru_cache(maxsize=1)
-def bwrap_available() -> bool:
-    """Does bubblewrap exist *and* work here (containers may forbid namespaces)? Probed once."""
-    if shutil.which("bwrap") is None:
-        return False
+def bwrap_problem() -> str | None:
+    """Why bubblewrap cannot isolate a run here (not installed, or the container forbids
+    namespaces), or None when it works. Probed once per process."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bwrap is not installed (not found on PATH)"
     with tempfile.TemporaryDirectory(prefix="nanoglm5_probe_") as d:
         os.chmod(d, 0o755)
-        argv = _bwrap_argv(d, 1 << 20, os.geteuid() == 0) + [sys.executable, "-I", "-c", "pass"]
+        argv = _bwrap_argv(bwrap, sys.executable, d, 1 << 20, os.geteuid() == 0)
+        argv += [sys.executable, "-I", "-c", "pass"]
         try:
-            return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
+            probe = subprocess.run(argv, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{bwrap} could not start a sandbox here ({e})"
+    if probe.returncode != 0:
+        why = probe.stderr.decode(errors="replace").strip().splitlines()
+        return f"{bwrap} could not start a sandbox here ({why[-1] if why else f'exit status {probe.returncode}'})"
+    return None
+
+
+def bwrap_available() -> bool:
+    """Does bubblewrap exist *and* work here?"""
+    return bwrap_problem() is None
 
 
 _warned_fallback = False
@@ -239,23 +278,30 @@ def _warn_fallback(why: str) -> None:
     if not _warned_fallback:
         _warned_fallback = True
         log.warning(
-            "sandbox: running untrusted code WITHOUT bubblewrap (%s): rlimits + audit-hook tripwire only, "
-            "no filesystem/network isolation. Install bubblewrap (apt-get install bubblewrap).",
+            "sandbox: running model-written code WITHOUT bubblewrap (%s; allowed by --allow-unsandboxed): "
+            "resource limits and an audit-hook tripwire only, no filesystem or network isolation. %s",
             why,
+            INSTALL_HINT,
         )
 
 
-def _use_bwrap(use_bwrap: bool | None) -> bool:
+def _use_bwrap(use_bwrap: bool | None, allow_unsandboxed: bool) -> bool:
+    """True to run inside bubblewrap; False for the fallback, only when the caller allowed it."""
     if use_bwrap is False:
-        return False
-    if use_bwrap is None and os.environ.get(NO_BWRAP_ENV, "") not in ("", "0"):
-        _warn_fallback(f"{NO_BWRAP_ENV}=1")
-        return False
-    if bwrap_available():
-        return True
-    if use_bwrap:
-        raise RuntimeError("use_bwrap=True but bubblewrap is missing or cannot create namespaces here")
-    _warn_fallback("bwrap missing or not permitted")
+        why = "use_bwrap=False"
+    elif use_bwrap is None and os.environ.get(NO_BWRAP_ENV, "") not in ("", "0"):
+        why = f"{NO_BWRAP_ENV}=1"
+    else:
+        why = bwrap_problem()
+        if why is None:
+            return True
+    if use_bwrap or not allow_unsandboxed:
+        raise SandboxUnavailable(
+            f"refusing to run model-written code without bubblewrap: {why}. {INSTALL_HINT} "
+            "Or pass --allow-unsandboxed (run_code(..., allow_unsandboxed=True)) to run it with "
+            "resource limits only, without filesystem or network isolation."
+        )
+    _warn_fallback(why)
     return False
 
 
@@ -298,15 +344,27 @@ def _sweep_uid(uid: int, rounds: int = 100) -> int:
     return killed
 
 
-def _python_world_readable() -> bool:
-    """Can an unrelated uid run this Python without bwrap? (Not if it lives under a 0700 /root.)"""
-    for root in _python_roots() + [os.path.realpath(sys.executable)]:
-        p = root
-        while p != "/":
-            if not os.stat(p).st_mode & 0o001:  # others' execute/search bit
-                return False
-            p = os.path.dirname(p)
-    return True
+@functools.lru_cache(maxsize=8)
+def _unprivileged_problem(python: str) -> str | None:
+    """As root without bubblewrap: why an unprivileged uid cannot run `python` and import its
+    standard library (e.g. it lives under a 0700 /root), or None when it can."""
+    try:  # Popen's user/group switch happens in C after fork: safe in a threaded parent
+        probe = subprocess.run(
+            [python, "-I", "-c", "import collections, decimal, json, math, re, resource"],
+            user=SANDBOX_UID_BASE,
+            group=SANDBOX_UID_BASE,
+            extra_groups=[],
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+            env={"PATH": _PATH},
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    if probe.returncode != 0:
+        why = probe.stderr.decode(errors="replace").strip().splitlines()
+        return why[-1] if why else f"exit status {probe.returncode}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +449,24 @@ def _classify(rc: int, stderr: str, timed_out: bool, truncated: bool) -> str | N
     return None
 
 
+def check_sandbox(
+    allow_unsandboxed: bool = False, *, use_bwrap: bool | None = None, python: str | None = None
+) -> bool:
+    """Raise `SandboxUnavailable` if `run_code` would refuse with these settings (a preflight for
+    long jobs); else return whether runs will be isolated by bubblewrap."""
+    python = python or sys.executable
+    bwrap = _use_bwrap(use_bwrap, allow_unsandboxed)
+    problem = _unprivileged_problem(python) if os.geteuid() == 0 and not bwrap else None
+    if problem is not None:
+        raise SandboxUnavailable(
+            f"refusing to run model-written code as root: an unprivileged uid cannot run {python} "
+            f"({problem}); without bubblewrap the program would have to keep uid 0. {INSTALL_HINT} "
+            "Or pass python= an interpreter every user can read (e.g. /usr/bin/python3), "
+            "or run as a non-root user."
+        )
+    return bwrap
+
+
 def run_code(
     source: str,
     stdin: str = "",
@@ -398,6 +474,8 @@ def run_code(
     memory_mb: int = 256,
     *,
     use_bwrap: bool | None = None,
+    allow_unsandboxed: bool = False,
+    python: str | None = None,
     max_output_bytes: int = 1 << 16,
     max_file_mb: int = 16,
     max_procs: int = 32,
@@ -407,8 +485,12 @@ def run_code(
     timeout_s: wall-clock limit for the whole run (CPU limit: ceil(timeout_s) s, then SIGKILL 1 s later).
     memory_mb: address-space limit (RLIMIT_AS). max_file_mb: per-file size limit and the size of
     each private tmpfs. max_procs: tasks (processes + threads) the program may add.
-    use_bwrap: None = use bubblewrap when it works (unless NANOGLM5_NO_BWRAP=1), True = require
-    it, False = the rlimits-only fallback. Never raises for anything the program does.
+    use_bwrap: None = bubblewrap (unless NANOGLM5_NO_BWRAP=1), True = bubblewrap or refuse,
+    False = the rlimits-only fallback. allow_unsandboxed: without it, every run that would not be
+    isolated by bubblewrap raises `SandboxUnavailable` instead. python: path of the interpreter that
+    runs the program (default: this one; the program gets its standard library only).
+    Raises SandboxUnavailable or ValueError before running anything; never raises for anything
+    the program does.
     """
     if timeout_s <= 0 or memory_mb < 32 or max_output_bytes < 1 or max_procs < 1:
         raise ValueError(
@@ -416,12 +498,11 @@ def run_code(
             f"got timeout_s={timeout_s}, memory_mb={memory_mb}, max_output_bytes={max_output_bytes}, "
             f"max_procs={max_procs}"
         )
-    bwrap = _use_bwrap(use_bwrap)
+    python = python or sys.executable
+    bwrap = check_sandbox(allow_unsandboxed, use_bwrap=use_bwrap, python=python)
     as_root = os.geteuid() == 0
-    # A fresh uid only when root can actually hand the program a Python it may read.
-    uid = None
-    if as_root and (bwrap or _python_world_readable()):
-        uid = SANDBOX_UID_BASE + random.SystemRandom().randrange(10**8)
+    # root: a fresh uid of its own; not root: the program keeps our (unprivileged) uid
+    uid = SANDBOX_UID_BASE + random.SystemRandom().randrange(10**8) if as_root else None
     nproc = max_procs if uid is not None else _tasks_by_uid(os.getuid())[1] + max_procs + 8
     file_bytes = max_file_mb << 20
     rlimits = {
@@ -441,17 +522,16 @@ def run_code(
         os.chmod(main, 0o644)
         if bwrap:
             cwd, main_in, host_cwd = "/sandbox", "/judge/main.py", judge_dir
-            prefix = _bwrap_argv(judge_dir, file_bytes, as_root)
-            env = None  # --clearenv inside; bwrap itself gets the scrubbed env below
+            prefix = _bwrap_argv(shutil.which("bwrap") or "bwrap", python, judge_dir, file_bytes, as_root)
         else:
             cwd = host_cwd = os.path.join(judge_dir, "work")
             os.mkdir(cwd)
             if uid is not None:
                 os.chown(cwd, uid, uid)
             main_in, prefix = main, []
-        env = {"PATH": _PATH, "LANG": "C.UTF-8", "HOME": cwd}
+        env = {"PATH": _PATH, "LANG": "C.UTF-8", "HOME": cwd}  # bwrap clears it again for the program
         cfg = {"rlimits": rlimits, "uid": uid, "cwd": cwd, "main": main_in}
-        argv = prefix + [sys.executable, "-I", "-c", _launcher_source(not bwrap, cwd), json.dumps(cfg)]
+        argv = prefix + [python, "-I", "-c", _launcher_source(not bwrap, cwd), json.dumps(cfg)]
         t0 = time.monotonic()
         proc = subprocess.Popen(
             argv,

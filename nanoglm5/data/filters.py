@@ -1,4 +1,4 @@
-"""GLM-5's pre-training filters at toy scale (the report's pre-training data pipelines; DESIGN.md §4):
+"""GLM-5's pre-training filters at toy scale (GLM-5 arXiv 2602.15763, pre-training data pipelines):
   - exact dedup: hash of the normalised text (NFKC, casefold, collapsed whitespace), first copy kept;
   - near-dup dedup: MinHash over word 5-gram shingles + LSH banding (Broder 1997; Leskovec et al.,
     *Mining of Massive Datasets* §3.4), each candidate verified against kept documents only (no chaining);

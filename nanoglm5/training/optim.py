@@ -2,11 +2,11 @@
 
 Holds: the parameter groups (which tensor gets which optimizer and weight decay), `build_optimizer`
 for AdamW or Muon (PyTorch's own `torch.optim.Muon`, Keller Jordan's Newton–Schulz orthogonalised
-momentum; "Muon is Scalable for LLM Training", Moonshot 2025), the `Optimizers` bundle that steps,
-saves and restores several optimizers as one, and `lr_multiplier` (linear warm-up, then cosine or
-linear decay to a floor).
+momentum; "Muon is Scalable for LLM Training", Moonshot 2025, arXiv 2502.16982), the `Optimizers`
+bundle that steps, saves and restores several optimizers as one, and `lr_multiplier` (linear warm-up,
+then cosine or linear decay to a floor).
 
-Groups (nanochat/modded-nanoGPT practice; GLM-5 trains with Muon, the report's pre-training section):
+Groups (nanochat/modded-nanoGPT practice; GLM-5, arXiv 2602.15763, pre-trains with Muon):
   matrix   2D hidden weights (attention, dense MLP, shared expert, indexer, MTP eh_proj) → Muon or AdamW+wd
   expert   stacked routed-expert tensors (E, out, in) → AdamW+wd. `torch.optim.Muon` accepts only 2D
            parameters; orthogonalising each expert separately needs a 3D-aware Muon, left as an exercise.

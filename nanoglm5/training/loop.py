@@ -1,10 +1,10 @@
-"""The training loop behind `train.py`: pretraining with DSA's two stages, and SFT.
+"""The training loop behind `train.py`: pretraining with DSA's stages, and SFT.
 
-Holds `TrainConfig` (every CLI flag is a field; `STAGE_DEFAULTS` fills what a stage sets differently)
-and `Trainer`, read top to bottom: setup (devices, data, model, optimizers, resume) → one step →
-evaluation and samples → checkpoints → `run()`.
+`Trainer`, read top to bottom: setup (devices, data, model, optimizers, resume) → one step →
+evaluation and samples → checkpoints → `run()`. Its settings are `TrainConfig` (train_config.py).
 
-Pretraining stages (DESIGN.md §3, research/arch.md §3.4, DeepSeek-V3.2 §2.1):
+Pretraining stages (GLM-5, arXiv 2602.15763, continues a dense model with DSA; the warm-up and the
+sparse stage are DeepSeek-V3.2's, arXiv 2512.02556 §2.1):
   dense   [0, dense_steps)               dense attention, all parameters, LM loss (+ λ·MTP, + α·balance).
                                          GLM-5 adds DSA to a model pretrained dense; this stage stands in.
   warmup  [dense_steps, +dsa_warmup_steps) dense attention, everything frozen but the indexer, which
@@ -13,24 +13,34 @@ Pretraining stages (DESIGN.md §3, research/arch.md §3.4, DeepSeek-V3.2 §2.1):
                                          the selected set (+ α·balance). The model detaches the indexer's
                                          input, so the KL trains only the indexer and the LM loss never does.
 MoE: after every dense/sparse step the router bias moves by the sign rule (γ = --bias-update-rate) on
-the expert load summed over micro-batches and ranks (DeepSeek-V3 §2.1.2), so all ranks stay identical.
-SFT runs sparse from the first step (post-training in DSA mode), loss on assistant tokens only.
+the expert load summed over micro-batches and ranks (DeepSeek-V3, arXiv 2412.19437 §2.1.2), so all ranks
+stay identical. SFT runs sparse from the first step (post-training in DSA mode), loss on assistant tokens, with
+--sft-pretrain-mix of each batch being pretraining windows (loss on all tokens) so SFT does not erase
+pretraining; its evaluations also report the pretraining val loss (`pretrain_val_loss`, the windows pretraining
+evaluated on). INT4 QAT (--qat int4) fake-quantizes from --qat-start-step on: a full-precision SFT checkpoint
+at or before that step resumes into either branch, QAT or full precision (the speedrun's PTQ baseline), and
+--until-step stops a run early on the same lr schedule, so the shared trunk is trained once.
 
 Exactness: batches are a pure function of (seed, step), the RNG states and optimizer go into
-trainer_state.pt, so on CPU a killed-and-resumed run ends bit-identical to an uninterrupted one.
+trainer_state.pt, so on CPU a killed-and-resumed run ends bit-identical to an uninterrupted one. Under FSDP2
+the model and optimizer shards go beside it through torch.distributed.checkpoint (state.save_sharded), and
+the same holds at the same world size; DCP reshards, so such a checkpoint also resumes on another world size
+or without FSDP, and one written without FSDP resumes under it (exact up to the order of reductions).
 Simplified: one latest checkpoint (out_dir/ckpt); evaluation uses the current stage's attention mode.
 """
 
 import contextlib
 import json
 import math
-import os
+import shutil
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from nanoglm5.checkpoint import (
@@ -42,104 +52,36 @@ from nanoglm5.checkpoint import (
     read_config,
 )
 from nanoglm5.config import ModelConfig
+from nanoglm5.data.sft import build_conversations
+from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.engine import Engine, SamplingParams
+from nanoglm5.int4 import prepare_qat
 from nanoglm5.model import GLM5
-from nanoglm5.optim import Optimizers, build_optimizer, lr_multiplier
-from nanoglm5.train_utils import (
-    ChatBatches,
-    TokenBatches,
-    TrainError,
-    asdict,
+from nanoglm5.training.batches import ChatBatches, MixedBatches, TokenBatches, chat_example, load_shards
+from nanoglm5.training.dist import setup_distributed
+from nanoglm5.training.metrics import (
     bytes_per_token,
-    chat_example,
-    config_diff,
-    config_field,
-    greedy_generate,
-    load_shards,
+    init_wandb,
+    token_weighted_loss,
+    unigram_entropy,
+    write_metrics,
+)
+from nanoglm5.training.optim import Optimizers, build_optimizer, lr_multiplier
+from nanoglm5.training.state import (
+    check_resume,
+    config_dict,
+    has_sharded_state,
+    load_sharded,
     load_trainer_state,
+    optimizer_state,
+    restore_optimizer_state,
     save_checkpoint,
+    save_sharded,
     seed_everything,
     set_rng_state,
-    setup_distributed,
     trainer_state,
-    unigram_entropy,
 )
-
-f = config_field  # a field with its --help text
-
-
-@dataclass
-class TrainConfig:
-    stage: str = f("pretrain", "pretrain (token shards, DSA stages) or sft (chat, loss on assistant tokens)")
-    preset: str = f("tiny", "ModelConfig preset (config.PRESETS); single fields via --index-topk etc.")
-    model: dict = f({}, "ModelConfig overrides; on the CLI, one flag per ModelConfig field")
-    data_dir: str = f("data", "output of `python data/prepare.py`: tokenizer.json, tokens/, knowledge.jsonl")
-    out_dir: str | None = f(None, "run directory; the latest checkpoint is out_dir/ckpt")
-    init_from: str = f("", "start from this checkpoint's weights (ours or an HF GlmMoeDsa directory)")
-    resume: str = f("", "continue a run exactly: 'auto' (= out_dir/ckpt) or a checkpoint path")
-    seed: int = f(1337, "one seed for init, data order and everything else")
-    # batches
-    seq_len: int = f(256, "tokens per sequence (SFT: longer conversations are cut)")
-    batch_size: int | None = f(None, "sequences per optimizer step, summed over ranks and micro-batches")
-    micro_batch_size: int | None = f(None, "sequences per forward/backward on one rank (gradient accumulation)")
-    max_steps: int | None = f(None, "optimizer steps in total, DSA warm-up included")
-    # DSA stages
-    dense_steps: int | None = f(None, "pretrain: first steps with dense attention, all weights (GLM-5's pre-DSA phase)")
-    dsa_warmup_steps: int | None = f(None, "then steps where only the indexer trains, on its KL (DeepSeek-V3.2 §2.1)")
-    dsa_warmup_lr: float = f(1e-3, "indexer lr during the DSA warm-up (DeepSeek-V3.2: 1e-3)")
-    # losses
-    mtp_weight: float = f(0.3, "λ of the MTP loss (GLM-4.5: 0.3, later 0.1)")
-    balance_loss_weight: float = f(1e-4, "α of the sequence-level balance loss (GLM-4.5: 1e-4)")
-    bias_update_rate: float = f(1e-3, "γ of the aux-loss-free router-bias update (GLM-4.5: 1e-3)")
-    # optimizer
-    optimizer: str = f("adamw", "adamw, or muon (2D matrices; experts, embeddings, norms, router on AdamW)")
-    lr: float | None = f(None, "peak learning rate")
-    min_lr_ratio: float = f(0.1, "final lr as a fraction of the peak")
-    warmup_steps: int | None = f(None, "linear lr warm-up steps")
-    decay: str = f("cosine", "lr decay after warm-up: cosine, linear or constant")
-    weight_decay: float = f(0.1, "decoupled weight decay of matrices")
-    beta1: float = f(0.9, "AdamW β1")
-    beta2: float = f(0.95, "AdamW β2")
-    grad_clip: float = f(1.0, "clip the global grad norm to this (0 = off)")
-    # evaluation and logging
-    eval_every: int | None = f(None, "steps between validation losses (0 = only at the end)")
-    eval_seqs: int = f(32, "validation sequences per evaluation")
-    sample_tokens: int = f(48, "tokens per sample generation at each evaluation (0 = none)")
-    save_every: int | None = f(None, "steps between checkpoints (one is always written at the end)")
-    log_every: int = f(10, "steps between history entries / metrics.jsonl lines")
-    wandb: bool = f(False, "log to Weights & Biases (offline mode unless logged in)")
-    wandb_project: str = f("nanoglm5", "W&B project name")
-    # hardware
-    device: str = f("auto", "auto (cuda if available), cpu, cuda, cuda:1 …")
-    dtype: str = f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
-    fsdp: bool = f(False, "under torchrun: shard parameters with FSDP2 (fully_shard) instead of DDP")
-    threads: int = f(0, "CPU threads (0 = torch default)")
-    # SFT
-    sft_examples: int = f(12000, "SFT conversations generated (math, knowledge Q&A, RL-style tasks)")
-    # quantization-aware training (INT4 issue: nanoglm5.quant.prepare_qat)
-    qat: str = f("", "'int4': fake-quantize weights during training (straight-through estimator)")
-    qat_layers: str = f("experts", "which weights QAT covers (see nanoglm5.quant.prepare_qat)")
-    qat_group_size: int = f(32, "int4 group size")
-
-    def resolved(self) -> "TrainConfig":
-        """Fill the stage-dependent fields left at None from STAGE_DEFAULTS."""
-        if self.stage not in STAGE_DEFAULTS:
-            raise TrainError(f"--stage {self.stage!r}: choose one of {sorted(STAGE_DEFAULTS)}")
-        d = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
-        return replace(self, **d)
-
-
-# Defaults sized for the tiny preset on a 2-core CPU: pretraining ≈ 3 min, SFT ≈ 10 min (docs/benchmarks.md).
-# SFT is long enough for the model to learn to copy numbers from the prompt (between 400 and 800 steps of
-# 32 conversations), without which RL has nothing to build on (docs/LOG.md).
-STAGE_DEFAULTS = {
-    "pretrain": dict(out_dir="out/pretrain", max_steps=400, batch_size=8, micro_batch_size=8, dense_steps=250, dsa_warmup_steps=30, lr=3e-3,
-                     warmup_steps=20, eval_every=100, save_every=100),
-    "sft": dict(out_dir="out/sft", max_steps=800, batch_size=32, micro_batch_size=8, dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=20, eval_every=200, save_every=200),
-}
-
-# Fields that may change between a run and its --resume without breaking exactness of the math.
-RESUME_NEUTRAL = {"max_steps", "save_every", "eval_every", "eval_seqs", "sample_tokens", "log_every", "wandb",
-                  "wandb_project", "resume", "init_from", "out_dir", "data_dir", "device", "dtype", "threads"}
+from nanoglm5.training.train_config import QAT_FIELDS, RESUME_NEUTRAL, TrainConfig, TrainError
 
 
 class Trainer:
@@ -157,6 +99,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "ckpt"
         self.history: list[dict] = []
         self.step = 0
+        self._resume_shards: Path | None = None  # a checkpoint whose sharded state _wrap loads
         self._load_data()
         self._build_model()
         self._build_optimizers()
@@ -173,6 +116,12 @@ class Trainer:
         for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps"):
             if getattr(c, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+        if not 0 <= c.until_step <= c.max_steps:
+            raise TrainError(f"--until-step {c.until_step}: must lie in [0, --max-steps {c.max_steps}] (0 = no early stop)")
+        if not 0.0 <= c.sft_pretrain_mix < 1.0:
+            raise TrainError(f"--sft-pretrain-mix {c.sft_pretrain_mix}: must be in [0, 1)")
+        if c.qat_start_step < 0:
+            raise TrainError(f"--qat-start-step {c.qat_start_step}: must be >= 0")
         if c.batch_size % (world * c.micro_batch_size):
             raise TrainError(f"--batch-size {c.batch_size} must be a multiple of --micro-batch-size "
                              f"{c.micro_batch_size} × {world} rank(s); e.g. --batch-size "
@@ -187,11 +136,9 @@ class Trainer:
             raise TrainError(f"--qat {c.qat!r}: the only scheme is int4")
         if c.fsdp and not self.dist.enabled:
             self.log("[train] --fsdp has no effect in a single process (run under torchrun --nproc_per_node N)")
-        if c.fsdp and c.resume and self.dist.enabled:
-            # trainer_state.pt holds rank 0's optimizer shard only: resuming would silently lose the others
-            raise TrainError("--resume with --fsdp is not supported yet (the sharded optimizer state is not gathered "
-                             "into trainer_state.pt); resume under DDP (drop --fsdp) or restart from the weights "
-                             "with --init-from")
+        if c.fsdp and c.qat and c.qat_start_step > 0:
+            raise TrainError("--qat-start-step with --fsdp: FSDP2 re-classes the modules QAT would re-class mid-run; "
+                             "start QAT at step 0 (--qat-start-step 0) under --fsdp")
         if c.fsdp and c.optimizer == "muon":
             raise TrainError("--fsdp with --optimizer muon: Muon orthogonalises whole matrices, FSDP shards them; "
                              "use --optimizer adamw with --fsdp")
@@ -215,8 +162,6 @@ class Trainer:
 
     def _tokenizer(self):
         """The tokenizer of --init-from / --resume checkpoints, else of --data-dir (None if absent in pretraining)."""
-        from nanoglm5.tokenizer import Tokenizer
-
         c = self.cfg
         for d in (c.resume if c.resume not in ("", "auto") else "", c.init_from, c.data_dir):
             if d and (Path(d) / "tokenizer.json").exists():
@@ -233,6 +178,7 @@ class Trainer:
         c = self.cfg
         self.tokenizer = self._tokenizer()
         self.bytes_per_token = None
+        self.val_text = None  # SFT: pretraining val windows, when the data dir has them
         if c.stage == "pretrain":
             train, val = load_shards(c.data_dir, "train"), load_shards(c.data_dir, "val")
             self.data, self.val = TokenBatches(train, c.seq_len, c.seed), TokenBatches(val, c.seq_len, c.seed)
@@ -244,21 +190,31 @@ class Trainer:
             self.log(f"[train] {len(train):,} train / {len(val):,} val tokens; unigram entropy of the train shard "
                      f"{self.unigram:.3f} nats/token (the loss to beat)")
         else:
-            from nanoglm5.sft_data import build_conversations
-
             tok = self.tokenizer
             convs = build_conversations(c.sft_examples, c.seed, data_dir=c.data_dir)
             rendered = [chat_example(*tok.render_chat(m["messages"]), c.seq_len) for m in convs]
             val_idx = set(range(0, len(rendered), 20))  # every 20th conversation is held out
             self.data = ChatBatches([r for i, r in enumerate(rendered) if i not in val_idx], c.seed, tok.eos_id)
             self.val = ChatBatches([r for i, r in enumerate(rendered) if i in val_idx], c.seed, tok.eos_id)
+            shards = Path(c.data_dir) / "tokens"
+            if c.sft_pretrain_mix > 0:
+                if not (shards / "train.bin").exists():
+                    raise TrainError(f"--sft-pretrain-mix {c.sft_pretrain_mix} mixes pretraining windows into SFT, but "
+                                     f"{shards} has no train.bin: pass the --data-dir of `python data/prepare.py` or "
+                                     "--sft-pretrain-mix 0")
+                self.data = MixedBatches(self.data, TokenBatches(load_shards(c.data_dir, "train"), c.seq_len, c.seed),
+                                         c.sft_pretrain_mix)
+            if (shards / "val.bin").exists():  # what SFT does to the pretraining loss, on pretraining's own windows
+                self.val_text = TokenBatches(load_shards(c.data_dir, "val"), c.seq_len, c.seed)
             self.sample_convs = [convs[i] for i in sorted(val_idx)[:3]]
             self.data_vocab = tok.vocab_size
             self.unigram = None
             kinds = {}
             for m in convs:
                 kinds[m["kind"]] = kinds.get(m["kind"], 0) + 1
-            self.log(f"[train] SFT: {len(self.data.examples)} train / {len(self.val.examples)} val conversations {kinds}")
+            self.log(f"[train] SFT: {len(self.data.examples)} train / {len(self.val.examples)} val conversations {kinds}"
+                     + (f"; {self.data.split(c.batch_size)[1]} of each batch's {c.batch_size} sequences are pretraining "
+                        "windows" if isinstance(self.data, MixedBatches) else ""))
 
     def _model_config(self) -> ModelConfig:
         c = self.cfg
@@ -292,15 +248,23 @@ class Trainer:
             torch.manual_seed(c.seed)
             self.model = GLM5(mc)
         self.model.to(self.device).train()
-        if c.qat:
-            try:
-                from nanoglm5 import quant
-            except ImportError:
-                raise TrainError("--qat int4 needs nanoglm5/quant.py (the INT4 stage), which is not installed") from None
-            quant.prepare_qat(self.model, layers=c.qat_layers, group_size=c.qat_group_size)
-            self.log(f"[train] QAT int4 on {c.qat_layers} (group size {c.qat_group_size})")
+        self.qat_on = False
+        if c.qat and c.qat_start_step == 0:
+            self._start_qat(0)
         n, act = mc.num_params(include_mtp=True), mc.num_active_params()
         self.log(f"[train] model: {n / 1e6:.2f}M parameters (MTP incl.), {act / 1e6:.2f}M active per token")
+
+    def _start_qat(self, step: int) -> None:
+        """Fake quant on from here (prepare_qat re-classes modules in place: the Parameters, their names and the
+        optimizer's references stay the same)."""
+        c = self.cfg
+        prepare_qat(self.model, layers=c.qat_layers, group_size=c.qat_group_size)
+        self.qat_on = True
+        self.log(f"[train] QAT int4 on {c.qat_layers} (group size {c.qat_group_size}) from step {step}")
+
+    def _maybe_start_qat(self, step: int) -> None:
+        if self.cfg.qat and not self.qat_on and step >= self.cfg.qat_start_step:
+            self._start_qat(step)
 
     def _build_optimizers(self):
         c = self.cfg
@@ -321,22 +285,32 @@ class Trainer:
             raise TrainError(f"--resume {c.resume}: no checkpoint at {path}; check the path or drop --resume")
         state = load_trainer_state(path)
         saved = state.get("train_config", {})
-        now = asdict(self.cfg)
-        diff = config_diff(saved, now, RESUME_NEUTRAL)
-        saved_mc, now_mc = read_config(path).to_hf_dict(), self.model_config.to_hf_dict()
-        diff += [f"model.{d}" for d in config_diff(saved_mc, now_mc)]
-        if diff:
-            raise TrainError(f"--resume {path}: the checkpoint was trained with a different config: " + "; ".join(diff)
-                             + ". Pass the same flags, or start a new run from its weights with --init-from")
-        sd = from_hf_state_dict(load_state(path), self.model_config)
-        load_into(self.model, sd, path)
-        self.model.to(self.device)
-        self._build_optimizers()  # load_into assigned new tensors: rebuild, then restore the state
-        try:
-            self.opt.load_state_dict(state["optimizers"]["main"])
-            self.opt_warm.load_state_dict(state["optimizers"]["warmup"])
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}/trainer_state.pt: optimizer state does not fit this run ({e})") from None
+        neutral = set(RESUME_NEUTRAL)
+        fp_so_far = lambda d: not d.get("qat") or d.get("qat_start_step", 0) >= state["step"]  # noqa: E731
+        if fp_so_far(saved) and fp_so_far(config_dict(self.cfg)):
+            neutral |= QAT_FIELDS  # neither run fake-quantized before this step: branch into QAT or not, exactly
+        check_resume(path, saved, config_dict(self.cfg), neutral,
+                     "the checkpoint was trained with a different config",
+                     model=(read_config(path).to_hf_dict(), self.model_config.to_hf_dict()))
+        if state.get("sharded"):  # FSDP: model + optimizer shards beside the weights, loaded by _wrap
+            if not has_sharded_state(path):
+                raise CheckpointError(f"{path}: trainer_state.pt says the model and optimizer state are sharded, but "
+                                      "the shard index (.metadata) is missing: the checkpoint is incomplete; resume "
+                                      "from an earlier one or start from its weights with --init-from")
+            self._resume_shards = path
+            if state.get("world") != self.dist.world:
+                self.log(f"[train] the checkpoint was written by {state.get('world')} ranks, this run has "
+                         f"{self.dist.world}: its shards are resharded (the math is the same up to reduction order)")
+        else:
+            sd = from_hf_state_dict(load_state(path), self.model_config)
+            load_into(self.model, sd, path)
+            self.model.to(self.device)
+            self._build_optimizers()  # load_into assigned new tensors: rebuild, then restore the state
+            try:
+                self.opt.load_state_dict(state["optimizers"]["main"])
+                self.opt_warm.load_state_dict(state["optimizers"]["warmup"])
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{path}/trainer_state.pt: optimizer state does not fit this run ({e})") from None
         set_rng_state(state["rng"])
         self.step, self.history = state["step"], state.get("history", [])
         if saved.get("max_steps") != self.cfg.max_steps:
@@ -344,22 +318,30 @@ class Trainer:
                      "the lr schedule stretches from here")
         self.log(f"[train] resumed from {path} at step {self.step}")
 
-    def _wrap(self):
-        """DDP (or FSDP2 with --fsdp) under torchrun; `self.model` stays the plain module."""
-        self.wrapped = self.model
-        if not self.dist.enabled:
-            return
-        if self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+    def _optimizers(self) -> dict[str, Optimizers]:
+        return {"main": self.opt, "warmup": self.opt_warm}
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 in effect: parameters and optimizer state are DTensor shards (--fsdp under torchrun)."""
+        return self.cfg.fsdp and self.dist.enabled
+
+    def _wrap(self):
+        """DDP (or FSDP2 with --fsdp) under torchrun; `self.model` stays the plain module. A resumed sharded
+        state is loaded here, into whichever layout this run has."""
+        self.wrapped = self.model
+        if self.sharded:
+            carried = optimizer_state(self.model, self._optimizers())  # resumed from a checkpoint without shards
             for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
                 fully_shard(block)
             fully_shard(self.model)
             self._build_optimizers()  # parameters are now DTensor shards
+            restore_optimizer_state(self.model, self._optimizers(), carried)
             self.log(f"[train] FSDP2 over {self.dist.world} ranks")
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
+        if self._resume_shards is not None:
+            load_sharded(self._resume_shards, self.model, self._optimizers())
+            self.log(f"[train] loaded the sharded model and optimizer state of {self._resume_shards}")
+        if self.dist.enabled and not self.cfg.fsdp:
             # find_unused_parameters: the dense stage leaves the indexer without gradients
             self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                find_unused_parameters=True)
@@ -397,6 +379,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         c, d = self.cfg, self.dist
+        self._maybe_start_qat(step)
         stage = self.stage_at(step)
         self._set_trainable(stage)
         opt = self.opt_warm if stage == "warmup" else self.opt
@@ -463,29 +446,29 @@ class Trainer:
                          "then --resume")
 
     # ------------------------------------------------------------------------------------ eval and samples
-    @torch.no_grad()
     def evaluate(self, stage: str) -> dict:
         c, d = self.cfg, self.dist
         model = self.wrapped if c.fsdp else self.model
         was = model.training
         model.eval()
-        tot = torch.zeros(2, dtype=torch.float64)
-        for i, (x, y) in enumerate(self.val.eval_batches(c.eval_seqs, c.micro_batch_size)):
-            if i % d.world != d.rank and not c.fsdp:
-                continue
-            with self._autocast():
-                out = model(x.to(self.device), y.to(self.device), sparse=stage == "sparse", mtp_weight=0.0)
-            n = int((y >= 0).sum())
-            tot += torch.tensor([out.lm_loss.item() * n, n], dtype=torch.float64)
-        if not c.fsdp:
-            d.all_reduce(tot)
+        # FSDP: every rank runs every batch (the forward is collective); otherwise the ranks split them
+        batches = (b for i, b in enumerate(self.val.eval_batches(c.eval_seqs, c.micro_batch_size))
+                   if c.fsdp or i % d.world == d.rank)
+        val_loss = token_weighted_loss(model, batches, self.device, self._autocast,
+                                       reduce=None if c.fsdp else d.all_reduce, sparse=stage == "sparse")
+        res = {"val_loss": val_loss}
+        if self.val_text is not None:  # SFT: the pretraining val loss on the windows pretraining evaluated
+            batches = (b for i, b in enumerate(self.val_text.eval_batches(c.eval_seqs, c.micro_batch_size))
+                       if c.fsdp or i % d.world == d.rank)
+            res["pretrain_val_loss"] = token_weighted_loss(model, batches, self.device, self._autocast,
+                                                           reduce=None if c.fsdp else d.all_reduce, sparse=True)
         model.train(was)
-        res = {"val_loss": (tot[0] / tot[1].clamp_min(1)).item()}
         if self.bytes_per_token:
             res["val_bpb"] = res["val_loss"] / math.log(2) / self.bytes_per_token
         return res
 
     def samples(self, stage: str) -> list[str]:
+        """Greedy continuations of three fixed prompts (SFT: held-out conversations), through the engine."""
         c, tok = self.cfg, self.tokenizer
         if tok is None or c.sample_tokens <= 0 or c.fsdp or not self.dist.main:
             return []
@@ -497,46 +480,59 @@ class Trainer:
                 prompts.append((msgs[first - 1]["content"], tok.render_prompt(msgs[:first])))
         else:
             prompts = [(p, tok.encode(p)) for p in ("Problem: Compute 12 + 7.\nSolution:\n", "def ", "The ")]
-        out = []
-        for text, ids in prompts:
-            new = greedy_generate(self.model, ids, c.sample_tokens, tok.stop_ids, sparse=stage == "sparse")
-            out.append(f"{text!r} → {tok.decode(new)!r}")
-        return out
+        max_len = self.model_config.max_position_embeddings
+        prompts = [(text, ids) for text, ids in prompts if len(ids) < max_len]
+        params = [SamplingParams(max_tokens=min(c.sample_tokens, max_len - len(ids)), temperature=0.0,
+                                 stop_token_ids=tok.stop_ids) for _, ids in prompts]
+        was = self.model.training
+        self.model.eval()
+        # the engine seeds its own generator from torch's: fork, so sampling leaves the training RNG stream as
+        # it was. tie_break "topk": the DSA selection the model trains and evaluates with (model.Attention)
+        with torch.random.fork_rng(devices=[]):
+            engine = Engine(self.model, max_batch=max(1, len(prompts)), sparse=stage == "sparse", tie_break="topk")
+            done = engine.generate([ids for _, ids in prompts], params)
+        self.model.train(was)
+        return [f"{text!r} → {tok.decode(comp.token_ids)!r}" for (text, _), comp in zip(prompts, done)]
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self):
-        """out_dir/ckpt ← weights + trainer state, atomically (rank 0 writes; all ranks wait)."""
-        model = self.model
-        if self.cfg.fsdp and self.dist.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+        """out_dir/ckpt ← weights + trainer state, atomically (rank 0 writes; all ranks wait).
+        FSDP: every rank first writes its model and optimizer shards (DCP) into a staging directory; after a
+        barrier rank 0 moves them into the checkpoint with the gathered HF weights and trainer_state.pt."""
+        model, shards = self.model, None
+        if self.sharded:
+            shards = self.out_dir / ".ckpt.shards.tmp"
+            if self.dist.main:
+                shutil.rmtree(shards, ignore_errors=True)  # left by a run that died mid-save
+            self.dist.barrier()
+            save_sharded(shards, self.model, self._optimizers())
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.dist.main:
                 model = GLM5(self.model_config)
                 model.load_state_dict(full)
+            self.dist.barrier()  # every rank's shards are on disk before rank 0 publishes the checkpoint
         if self.dist.main:
-            state = trainer_state(self.step, {"main": self.opt, "warmup": self.opt_warm},
+            config = config_dict(self.cfg)
+            state = trainer_state(self.step, {} if self.sharded else self._optimizers(),
                                   {"kind": self.cfg.stage, "seed": self.cfg.seed, "step": self.step},
-                                  asdict(self.cfg), history=self.history)
-            save_checkpoint(self.ckpt_dir, model, state, self.tokenizer_file, asdict(self.cfg))
-            self._write_metrics()
+                                  config, history=self.history, world=self.dist.world, sharded=self.sharded)
+            save_checkpoint(self.ckpt_dir, model, state, self.tokenizer_file, config, shards=shards)
+            write_metrics(self.out_dir, self.history)
         self.dist.barrier()
-
-    def _write_metrics(self):
-        lines = [json.dumps(h) for h in self.history]
-        (self.out_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------------------------ the loop
     def run(self) -> list[dict]:
         c = self.cfg
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
-        self.log("[train] config " + json.dumps(asdict(c)))
+            (self.out_dir / "train_config.json").write_text(json.dumps(config_dict(c), indent=2))
+        self.log("[train] config " + json.dumps(config_dict(c)))
         self.log(f"[train] model config {json.dumps(self.model_config.to_hf_dict())}")
-        wb = self._wandb()
-        bar = tqdm(range(self.step, c.max_steps), initial=self.step, total=c.max_steps, disable=self.quiet,
-                   desc=f"{c.stage}", dynamic_ncols=True)
+        wb = init_wandb(c.wandb and self.dist.main, c.wandb_project, self.out_dir, config_dict(c),
+                        log=lambda m: self.log(f"[train] {m}"))
+        stop = c.until_step or c.max_steps  # the limit that binds: the bar counts to it
+        bar = tqdm(range(self.step, stop), initial=self.step, total=stop, disable=self.quiet, dynamic_ncols=True,
+                   desc=c.stage + (f" (until step {stop} of {c.max_steps})" if stop < c.max_steps else ""))
         t0, tokens = time.time(), 0
         stage = self.stage_at(self.step)
         for step in bar:
@@ -547,7 +543,7 @@ class Trainer:
             self.step = step + 1
             tokens += rec["tokens"]
             rec["tok_per_s"] = tokens / max(time.time() - t0, 1e-9)
-            last = self.step == c.max_steps
+            last = self.step == stop
             if (c.eval_every and self.step % c.eval_every == 0) or last:
                 rec.update(self.evaluate(stage))
                 msg = f"[train] step {self.step} {stage}: train {rec['loss']:.3f} val {rec['val_loss']:.3f}"
@@ -555,6 +551,8 @@ class Trainer:
                     msg += f" ({rec['val_bpb']:.3f} bits/byte)"
                 if self.unigram:
                     msg += f" | unigram {self.unigram:.3f}"
+                if "pretrain_val_loss" in rec:
+                    msg += f" | pretraining val {rec['pretrain_val_loss']:.3f}"
                 if stage != "dense":
                     msg += f" | indexer KL {rec['indexer_kl']:.4f}"
                 if "load_max_over_mean" in rec:
@@ -566,22 +564,11 @@ class Trainer:
                 self.history.append(rec)
                 if wb is not None:
                     wb.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=self.step)
-            bar.set_postfix(lm_loss=f"{rec['lm_loss']:.3f}", stage=stage, lr=f"{rec['lr']:.1e}",
-                            tok_s=f"{rec['tok_per_s']:.0f}")
+            bar.set_postfix(lm_loss=f"{rec['lm_loss']:.3f}", stage=stage + (" qat" if self.qat_on else ""),
+                            lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tok_per_s']:.0f}")
             if (c.save_every and self.step % c.save_every == 0) or last:
                 self.save()
         bar.close()
         if wb is not None:
             wb.finish()
         return self.history
-
-    def _wandb(self):
-        if not (self.cfg.wandb and self.dist.main):
-            return None
-        import wandb
-
-        logged_in = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
-            Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").exists() else "")
-        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
-        self.log(f"[train] wandb {mode}")
-        return wandb.init(project=self.cfg.wandb_project, config=asdict(self.cfg), mode=mode, dir=str(self.out_dir))

@@ -1,27 +1,29 @@
-"""The embedded corpus: documents that ship with Python and the pip requirements, plus generated
-math and junk, so `python data/prepare.py` needs no network (DESIGN.md §4, research/int4_serve_data.md §C).
+"""The embedded pre-training corpus: documents that ship with Python and the pip requirements, plus
+generated math and junk, so that `python data/prepare.py` needs no network.
 
-GLM-5 pre-trains on three pipelines (web knowledge, code, math & science; the report's pre-training data
-section, after GLM-4.5 §2.2). Here each has a toy stand-in that any fresh install holds:
+GLM-5 (arXiv 2602.15763) pre-trains on three pipelines, web knowledge, code, and math & science (the
+report's pre-training data section, after GLM-4.5 arXiv 2508.06471 §2.2). Here each has a toy stand-in
+that any fresh install holds:
   - knowledge prose: CPython's `pydoc_data.topics` and stdlib docstrings;
   - code: stdlib `.py` (Python), numpy/CPython headers (C), torch/pyarrow headers (C++),
     numpy/pyarrow `.pyx/.pxd` (Cython), numpy's f2py test sources (Fortran);
-  - math: `math_problems(n, seed)`, seeded problems with exact answers and worked solutions, and
-    `check_math_answer` that the SFT and RL stages use as the verifier;
+  - math: worked solutions of `tasks.math_problems` (the generator SFT and RL share);
   - junk: generated low-quality text (the quality classifier's negatives), corrupted math (the judge's
     negatives), and planted exact / near duplicates with known ground truth.
-Real corpora stay one flag away: `read_source("hf:NAME")` goes through `datasets.load_dataset`,
-`read_source("jsonl:PATH")` reads local files. Bad input is counted in a `Rejects`, never dropped silently.
+Real corpora stay one flag away: `read_hf(NAME)` goes through `datasets.load_dataset` (prepare.py's
+`--source hf:NAME`), `read_jsonl(PATH)` reads local .jsonl / .txt files (`--source jsonl:PATH`). Bad input
+is counted in a `Rejects`, never dropped silently.
 
 Every document is a dict with the same keys (DOC_KEYS); labels (`quality`, `lang`, `dup_of`) are the
-ground truth the filters are measured against, -1 / "" where unknown (external sources).
-Read top to bottom: documents → sources → math → junk → duplicates → external sources → token shards.
+ground truth the filters are measured against, -1 / "" where unknown (external sources). `split` is
+"train" or "val", by `doc_split` of the document's group (a file or topic).
+Read top to bottom: documents → sources → math → junk → duplicates → external sources.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -32,8 +34,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from pydoc_data.topics import topics
 
-import numpy as np
+from nanoglm5.data.tasks import fraction_str, math_problems, stable_hash
 
 DOC_KEYS = ("id", "text", "source", "domain", "lang", "quality", "group", "split", "dup_of", "dup_kind")
 CHUNK_CHARS = 4000  # documents are cut at blank lines to at most this many characters
@@ -46,13 +49,9 @@ def make_doc(id: str, text: str, source: str, domain: str, lang: str = "", quali
             "group": group or id, "split": "", "dup_of": dup_of, "dup_kind": dup_kind}
 
 
-def stable_hash(s: str) -> int:
-    """64-bit hash that, unlike hash(), is the same in every process and run."""
-    return int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-def split_of(group: str, seed: int, val_frac: float = 0.1) -> str:
-    """Deterministic train/val split by group (a file or topic), so chunks of one file never straddle it."""
+def doc_split(group: str, seed: int, val_frac: float = 0.1) -> str:
+    """Deterministic train/val split of documents by group (a file or topic), so chunks of one file never
+    straddle it."""
     return "val" if stable_hash(f"{seed}:{group}") % 10_000 < val_frac * 10_000 else "train"
 
 
@@ -118,7 +117,6 @@ SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__
 
 def _site_packages(pkg: str) -> Path | None:
     """Directory of an installed package, without importing it (importing torch costs seconds)."""
-    import importlib.util
     spec = importlib.util.find_spec(pkg)
     return Path(spec.origin).parent if spec and spec.origin else None
 
@@ -144,7 +142,6 @@ def _files(root: Path | None, patterns: Iterable[str], skip: set[str] = SKIP_DIR
 
 def pydoc_topics(max_chars: int, seed: int, rejects: Rejects) -> Iterator[dict]:
     """The Python language reference as plain prose, one document per chunk of a topic."""
-    from pydoc_data.topics import topics
     n = 0
     for name in sorted(topics):
         for i, piece in enumerate(chunk_text(topics[name])):
@@ -247,118 +244,7 @@ CODE_LANGS = ("python", "c", "cpp", "cython", "fortran")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Math: seeded problems with exact answers and worked solutions (research/int4_serve_data.md §C2).
-
-NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jun", "Kemi", "Lena"]
-ITEMS = ["apples", "books", "marbles", "stamps", "pencils", "cookies", "shells", "cards"]
-
-
-def _fmt(x: Fraction | int) -> str:
-    x = Fraction(x)
-    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
-
-
-def _arith(r: random.Random) -> tuple[str, list[str], Fraction]:
-    """A left-to-right chain ((a op b) op c) op d with every step shown."""
-    val = r.randint(2, 60)
-    expr, steps = str(val), []
-    for _ in range(r.randint(2, 4)):
-        op, b = r.choice("+-*"), r.randint(2, 25)
-        new = val + b if op == "+" else val - b if op == "-" else val * b
-        steps.append(f"{_fmt(val)} {op} {b} = {_fmt(new)}")
-        expr, val = f"({expr} {op} {b})", new
-    return f"Compute {expr[1:-1]}.", steps, Fraction(val)
-
-
-def _linear(r: random.Random) -> tuple[str, list[str], Fraction]:
-    """a*x + b = c, answers may be fractions."""
-    a = r.choice([i for i in range(-9, 10) if i not in (0, 1)])
-    b, c = r.randint(-30, 30), r.randint(-30, 30)
-    x = Fraction(c - b, a)
-    sign = "+" if b >= 0 else "-"
-    steps = [f"{a}x = {c} - ({b}) = {c - b}", f"x = {c - b} / {a} = {_fmt(x)}"]
-    return f"Solve for x: {a}x {sign} {abs(b)} = {c}.", steps, x
-
-
-def _fraction(r: random.Random) -> tuple[str, list[str], Fraction]:
-    p, q = Fraction(r.randint(1, 9), r.randint(2, 9)), Fraction(r.randint(1, 9), r.randint(2, 9))
-    op = r.choice("+-*")
-    v = p + q if op == "+" else p - q if op == "-" else p * q
-    return f"Compute {_fmt(p)} {op} {_fmt(q)}.", [f"{_fmt(p)} {op} {_fmt(q)} = {_fmt(v)}"], v
-
-
-def _word(r: random.Random) -> tuple[str, list[str], Fraction]:
-    """Templated GSM-style problems; every intermediate number is an integer."""
-    name, item, kind = r.choice(NAMES), r.choice(ITEMS), r.randrange(4)
-    if kind == 0:
-        a, k, m, g = r.randint(3, 40), r.randint(2, 9), r.randint(2, 12), r.randint(1, 20)
-        q = (f"{name} has {a} {item}. {name} buys {k} bags with {m} {item} each and then gives away {g}. "
-             f"How many {item} does {name} have now?")
-        return q, [f"{k} * {m} = {k * m}", f"{a} + {k * m} = {a + k * m}", f"{a + k * m} - {g} = {a + k * m - g}"], \
-            Fraction(a + k * m - g)
-    if kind == 1:
-        n, p = r.randint(2, 12), r.randint(2, 15)
-        paid = n * p + r.randint(0, 50)
-        q = f"{name} buys {n} notebooks at {p} dollars each and pays with {paid} dollars. How much change is given?"
-        return q, [f"{n} * {p} = {n * p}", f"{paid} - {n * p} = {paid - n * p}"], Fraction(paid - n * p)
-    if kind == 2:
-        s, t = r.randint(20, 90), r.randint(2, 9)
-        q = f"A train travels at {s} km per hour for {t} hours. How many km does it travel?"
-        return q, [f"{s} * {t} = {s * t}"], Fraction(s * t)
-    per, k = r.randint(2, 12), r.randint(2, 9)
-    q = f"{name} shares {per * k} {item} equally among {k} friends. How many {item} does each friend get?"
-    return q, [f"{per * k} / {k} = {per}"], Fraction(per)
-
-
-MATH_KINDS = {"arithmetic": _arith, "linear": _linear, "fraction": _fraction, "word": _word}
-
-
-def math_problems(n: int, seed: int) -> list[dict]:
-    """n problems: {"question", "answer" (exact, e.g. "42" or "-3/4"), "solution" (steps, then
-    "Answer: <answer>"), "kind"}. Same (n, seed) → same list."""
-    r = random.Random(f"math:{seed}")
-    out = []
-    for _ in range(n):
-        kind = r.choice(sorted(MATH_KINDS))
-        q, steps, ans = MATH_KINDS[kind](r)
-        solution = "\n".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps)) + f"\nAnswer: {_fmt(ans)}"
-        out.append({"question": q, "answer": _fmt(ans), "solution": solution, "kind": kind})
-    return out
-
-
-_NUM = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*-?\d+(?:\.\d+)?)?"
-
-
-def _to_fraction(s: str) -> Fraction | None:
-    try:
-        if "/" in s:
-            p, q = s.split("/")
-            return Fraction(p.replace(",", "").strip()) / Fraction(q.strip())
-        return Fraction(s.replace(",", "").strip())
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def extract_answer(completion: str) -> str | None:
-    """The final answer in model text: after the last "answer:" / "####" / inside \\boxed{}, else the last number."""
-    tail = completion
-    for marker in (r"\\boxed\{", r"####", r"answer\s*(?:is)?\s*[:=]?"):
-        hits = list(re.finditer(marker, completion, flags=re.I))
-        if hits:
-            tail = completion[hits[-1].end():]
-            m = re.search(_NUM, tail)
-            if m:
-                return m.group(0)
-    nums = re.findall(_NUM, completion)
-    return nums[-1] if nums else None
-
-
-def check_math_answer(completion: str, answer: str) -> bool:
-    """True if the final answer in `completion` equals `answer` exactly as a rational number
-    ("3/4" == "0.75" == "6/8"; "42" == "42.0")."""
-    got, want = extract_answer(completion), _to_fraction(str(answer))
-    return got is not None and want is not None and _to_fraction(got) == want
-
+# Math documents: worked solutions from the task generator (data/tasks.py), good and corrupted.
 
 def math_docs(max_chars: int, seed: int, rejects: Rejects) -> Iterator[dict]:
     """Problems with worked solutions, as pre-training documents (quality 1)."""
@@ -378,11 +264,11 @@ def corrupt_solution(p: dict, r: random.Random) -> str:
     if kind == 0:  # one step's result is wrong, and the error carries to the answer
         i = r.randrange(len(steps))
         head, _, res = steps[i].rpartition("= ")
-        wrong = _fmt(Fraction(res) + r.choice([-3, -2, -1, 1, 2, 10]))
+        wrong = fraction_str(Fraction(res) + r.choice([-3, -2, -1, 1, 2, 10]))
         steps[i] = f"{head}= {wrong}"
         return "\n".join(steps[: i + 1]) + f"\nAnswer: {wrong}"
     if kind == 1:
-        return f"Answer: {_fmt(Fraction(p['answer']) + r.randint(1, 9))}"
+        return f"Answer: {fraction_str(Fraction(p['answer']) + r.randint(1, 9))}"
     if kind == 2:
         return steps[0].rsplit("=", 1)[0] + "= ..."
     if kind == 3:
@@ -483,7 +369,6 @@ JUNK_KINDS = {"shuffled": _junk_shuffled, "salad": _junk_salad, "boilerplate": _
 def junk_docs(max_chars: int, seed: int, rejects: Rejects) -> Iterator[dict]:
     """Low-quality documents of nine kinds, words drawn from the reference prose so that the classifier
     must learn order and structure, not vocabulary (quality 0)."""
-    from pydoc_data.topics import topics
     words = sorted({w for t in topics.values() for w in re.findall(r"[A-Za-z]{2,}", t)})
     paras = [p for t in sorted(topics) for p in topics[t].split("\n\n") if len(p.split()) > 30]
     r, n, i = random.Random(f"junk:{seed}"), 0, 0
@@ -558,7 +443,7 @@ def embedded_corpus(budget_chars: int, seed: int, rejects: Rejects, sources: Ite
     for name in sources or SOURCES:
         fn, share = SOURCES[name]
         try:
-            got = [d for d in _take(fn(int(budget_chars * share), seed, rejects), max_docs) if rejects.check(d)]
+            got = [d for d in take(fn(int(budget_chars * share), seed, rejects), max_docs) if rejects.check(d)]
         except (FileNotFoundError, ImportError) as e:
             rejects.add("missing_source", f"{name}: {e}")
             log(f"source {name}: missing ({e}); continuing with the rest")
@@ -566,12 +451,13 @@ def embedded_corpus(budget_chars: int, seed: int, rejects: Rejects, sources: Ite
         docs += got
     docs += plant_duplicates(docs, dup_frac, seed)
     for d in docs:
-        d["split"] = split_of(d["group"], seed, val_frac)
+        d["split"] = doc_split(d["group"], seed, val_frac)
     random.Random(f"order:{seed}").shuffle(docs)
     return docs
 
 
-def _take(it: Iterator[dict], n: int | None) -> Iterator[dict]:
+def take(it: Iterator[dict], n: int | None) -> Iterator[dict]:
+    """The first n items of `it` (all of them when n is None)."""
     for i, d in enumerate(it):
         if n is not None and i >= n:
             return
@@ -601,7 +487,7 @@ def read_jsonl(path: str | Path, rejects: Rejects, text_key: str = "text", max_c
         doc = make_doc(f"{path.name}:{i}", rec.get(text_key), str(rec.get("source", path.stem)),
                        str(rec.get("domain", "text")), lang=str(rec.get("lang", "")))
         if rejects.check(doc, max_chars):
-            doc["split"] = split_of(doc["group"], seed, val_frac)
+            doc["split"] = doc_split(doc["group"], seed, val_frac)
             yield doc
 
 
@@ -649,28 +535,8 @@ def read_hf(name: str, rejects: Rejects, text_key: str = "text", max_docs: int |
         if why:
             raise ConnectionError(f"--source hf:{name} needs the Hugging Face hub, but {why}. {OFFLINE_HELP}")
     ds = load_dataset(path, config or None, split="train", streaming=not Path(path).exists(), cache_dir=cache_dir)
-    for i, rec in enumerate(_take(iter(ds), max_docs)):
+    for i, rec in enumerate(take(iter(ds), max_docs)):
         doc = make_doc(f"hf:{name}/{i}", rec.get(text_key), f"hf:{name}", "text")
         if rejects.check(doc):
-            doc["split"] = split_of(doc["group"], seed, val_frac)
+            doc["split"] = doc_split(doc["group"], seed, val_frac)
             yield doc
-
-
-# ---------------------------------------------------------------------------------------------------
-# Token shards, as data/prepare.py writes them and train.py reads them.
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """The flat token array of `split` ("train" or "val") written by data/prepare.py under data_dir/tokens."""
-    data_dir = Path(data_dir)
-    meta_path, bin_path = data_dir / "tokens" / "meta.json", data_dir / "tokens" / f"{split}.bin"
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not meta_path.exists() or not bin_path.exists():
-        raise FileNotFoundError(f"no token shards at {bin_path}; build them with "
-                                f"`python data/prepare.py --out-dir {data_dir}`")
-    meta = json.loads(meta_path.read_text())
-    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")

@@ -1,8 +1,8 @@
 """Byte-level BPE tokenizer (trained with HF `tokenizers`) and GLM's chat template.
 
 GLM-4/GLM-5 tokenizers are byte-level BPE with GPT-4-style pre-splitting; chat is rendered as
-`[gMASK]<sop>` then, per message, `<|role|>\\n{content}`, and an assistant turn ends at the next role
-token or `<|endoftext|>` (GLM-4 `chat_template`; GLM-5 keeps it and adds `<think>…</think>`, which are
+`[gMASK]<sop>` (`prefix_ids`) then, per message, `<|role|>\\n{content}`, and an assistant turn ends at the
+next role token or `<|endoftext|>` (GLM-4 `chat_template`; GLM-5 keeps it and adds `<think>…</think>`, which are
 atomic tokens here too). `render_chat` returns token ids and the assistant loss mask that SFT and RL use.
 Simplified: one vocabulary for all languages, sized by a flag (the tiny preset uses 4096), no merges
 for Chinese; GLM-5 uses ~154K.
@@ -110,6 +110,12 @@ class Tokenizer:
 
     # --- chat template --------------------------------------------------------------------------
 
+    @property
+    def prefix_ids(self) -> list[int]:
+        """What the chat template puts before the first message (`[gMASK]<sop>`): a rendered conversation
+        minus this prefix is the continuation of an ongoing one (RL rollouts append turns this way)."""
+        return [self.special["[gMASK]"], self.special["<sop>"]]
+
     def _text(self, text: str) -> list[int]:
         return self._plain.encode(text, add_special_tokens=False).ids
 
@@ -118,8 +124,8 @@ class Tokenizer:
         produce for an assistant message: its content tokens and the token that ends the turn (the next
         role token, or `<|endoftext|>` appended after a final assistant message); 0 elsewhere.
         add_generation_prompt appends `<|assistant|>\\n` (mask 0) for the model to continue."""
-        ids = [self.special["[gMASK]"], self.special["<sop>"]]
-        mask = [0, 0]
+        ids = self.prefix_ids
+        mask = [0] * len(ids)
         prev_assistant = False
         for k, msg in enumerate(messages):
             role = msg.get("role") if isinstance(msg, dict) else None

@@ -1,16 +1,16 @@
-"""SFT conversations, generated offline (no network, no teacher model): GLM-5's SFT mixes general chat,
-reasoning and agentic data (the report's post-training section); ours are toy stand-ins of each:
+"""SFT conversations, generated offline (no network, no teacher model). GLM-5's SFT (arXiv 2602.15763,
+post-training) mixes general chat, reasoning and agentic data; ours are toy stand-ins of each:
 
-  math       problems with worked, step-by-step answers (corpus.math_problems; RL's MathEnv prompts)
+  math       problems with worked, step-by-step answers (tasks.math_problems, the "sft" split)
   knowledge  "What does json.dumps do?" → the first sentence of its docstring; from data/knowledge.jsonl
              when `data/prepare.py` wrote it, else straight from the stdlib docstrings and pydoc topics
-  code       RL-style code tasks (rl/envs.py CodeEnv, "sft" split) with their reference one-liner
-  agent      RL-style tool-use tasks (AgentEnv, "sft" split) as multi-turn transcripts: CALL → observation → …
-             → ANSWER, observations computed by the environment itself
+  code       code tasks (tasks.code_tasks, "sft" split) with their reference one-liner
+  agent      tool-use tasks (tasks.agent_tasks, "sft" split) as multi-turn transcripts:
+             CALL → observation → … → ANSWER, the observations being the calculator's own results
 
-Only the environments' "sft" split is used: disjoint from RL's "train" tasks and from the held-out "eval"
-ones. SFT teaches the formats; RL then meets tasks that are as new to the model as the eval tasks, so
-what it gains there can carry over (when SFT showed RL's own tasks with their answers, the model
+Only the "sft" split of the task space is used: disjoint from RL's "train" tasks and from the held-out
+"eval" ones. SFT teaches the formats; RL then meets tasks that are as new to the model as the eval tasks,
+so what it gains there can carry over (when SFT showed RL's own tasks with their answers, the model
 memorised them and RL had nothing left to learn that transfers: docs/LOG.md). Conversations are kept short
 (the tiny model's seq_len is 256). Same (n, seed) → the same list.
 """
@@ -20,10 +20,18 @@ import random
 import re
 from pathlib import Path
 
-from nanoglm5.corpus import Rejects, math_problems, pydoc_topics, stable_hash, stdlib_docstrings
+from nanoglm5.data.corpus import Rejects, pydoc_topics, stdlib_docstrings
+from nanoglm5.data.tasks import (
+    MATH_SYSTEM,
+    agent_solution,
+    agent_tasks,
+    code_tasks,
+    math_problems,
+    stable_hash,
+    task_split,
+)
 
 MIX = {"math": 0.25, "knowledge": 0.25, "code": 0.30, "agent": 0.20}
-MATH_SYSTEM = "Solve the problem. End with 'Answer: <number>'."
 
 
 def first_sentence(text: str, max_chars: int = 200) -> str | None:
@@ -74,12 +82,10 @@ def knowledge_qa(n: int, seed: int, data_dir: str | Path | None = None) -> list[
 
 def math_chats(n: int, seed: int) -> list[dict]:
     """Worked math problems from the "sft" split of the RL math tasks' space (never an RL or eval question)."""
-    from nanoglm5.rl.envs import split_of
-
     out, chunk = [], 0
     while len(out) < n:
         for p in math_problems(256, seed=stable_hash(f"sft-math:{seed}:{chunk}") % 2**31):
-            if split_of(p["question"]) == "sft" and len(out) < n:
+            if task_split(p["question"]) == "sft" and len(out) < n:
                 out.append({"kind": "math", "messages": [
                     {"role": "system", "content": MATH_SYSTEM}, {"role": "user", "content": p["question"]},
                     {"role": "assistant", "content": p["solution"]}]})
@@ -87,26 +93,21 @@ def math_chats(n: int, seed: int) -> list[dict]:
     return out
 
 
-def rl_task_chats(n_code: int, n_agent: int, seed: int, max_agent_steps: int = 4) -> list[dict]:
-    """The RL environments' "sft"-split tasks with their reference answers, in chat form."""
-    from nanoglm5.rl.envs import AgentEnv, CodeEnv
-
+def task_chats(n_code: int, n_agent: int, seed: int, max_agent_steps: int = 4) -> list[dict]:
+    """Code and agent tasks of the "sft" split with their reference answers, in chat form."""
     out = []
-    for t in CodeEnv().make_tasks(n_code, seed, "sft"):
+    for t in code_tasks(n_code, seed, "sft"):
         out.append({"kind": "code", "messages": t.messages + [{"role": "assistant", "content": t.answer}]})
-    env = AgentEnv(sleep=False)
-    for t in env.make_tasks(4 * n_agent, seed, "sft"):
+    for t in agent_tasks(4 * n_agent, seed, "sft"):
         if len(out) >= n_code + n_agent:
             break
         if len(t.meta["ops"]) > max_agent_steps:
             continue
-        msgs, state = list(t.messages), env.reset(t)
-        for turn in env.solve(t):
+        msgs = list(t.messages)
+        for turn, observation in agent_solution(t):
             msgs.append({"role": "assistant", "content": turn})
-            obs, done, _ = env.step(t, state, turn)
-            if done:
-                break
-            msgs.append({"role": "observation", "content": obs})
+            if observation is not None:
+                msgs.append({"role": "observation", "content": observation})
         out.append({"kind": "agent", "messages": msgs})
     return out
 
@@ -115,7 +116,7 @@ def build_conversations(n: int, seed: int, data_dir: str | Path | None = None) -
     """n conversations {"kind", "messages"} in the MIX proportions, shuffled (same (n, seed) → same list)."""
     k = {name: int(round(frac * n)) for name, frac in MIX.items()}
     convs = math_chats(k["math"], seed) + knowledge_qa(k["knowledge"], seed, data_dir)
-    convs += rl_task_chats(k["code"], k["agent"], seed)
+    convs += task_chats(k["code"], k["agent"], seed)
     if len(convs) < n:  # few knowledge docs: top up with math
         convs += math_chats(n - len(convs), seed + 1)
     random.Random(f"sft:{seed}").shuffle(convs)

@@ -1,0 +1,404 @@
+"""The lean inference forward over the compressed KV cache: what the engine runs for prefill, decode, the
+speculative verification and the MTP drafter. The math of model.py's absorbed MLA (DeepSeek-V2 §2.1.2), DSA
+top-k (DeepSeek-V3.2 §2.1) and sigmoid-routed MoE, arranged for few torch ops per step (bench/serve.py counts
+them); tests/test_engine.py checks it against the model's full forward.
+
+  - `derive_weights`: matrices computed once from the model's parameters, rebuilt when a parameter changes
+    (`Decoder.refresh`: its `_version` moves on every in-place update, e.g. RL loading newer weights, an
+    optimizer step; its storage moves on `.to()`). Per layer:
+      WA  everything computed from the block input (q_a, kv_a's latent and rope key, the indexer's key and
+          head weights): one matmul;
+      WB  everything computed from the query latent (W_UK absorbed into the query, the rope slice of the
+          query, the indexer queries): one matmul;
+      Wo  W_UV folded into o_proj: one matmul fused with the residual add (addmm).
+    RMSNorm weights (except the final ones before the shared head) and the softmax scales are folded into the
+    next matrix, and RoPE's pair rotation into a fixed signed permutation of rows (`_rope_perms`), so RoPE is
+    two multiplies and an add with cos/sin tables built once per engine.
+  - inference only: no MoE loads, balance loss or indexer KL. The MoE gathers the chosen experts' weights for a
+    few tokens (decode) and runs the model's grouped dispatch for many (prefill); the shared expert is one matmul.
+  - `KVCache`: one preallocated tensor per layer stack, (layers, slots + 1, capacity, kvl + rope + index_dim):
+    a token's latent, rope key and indexer key side by side, written with one index_put_ per layer. Slot
+    `slots` is scratch: padded rows of a bucketed batch write there. A row attends to keys at positions <= its
+    query's, so entries past a row's length (rejected drafts, padding) are never read before being overwritten.
+  - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over the whole capacity, the
+    inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the same path runs eagerly,
+    which the tests use to check the padding).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from nanoglm5.model import GLM5, MoE
+
+GATHER_PAIRS = 64  # MoE: up to this many (token, expert) pairs gather the experts' weights, else grouped dispatch
+
+
+def _rope_perms(d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """P v = [v0, v2, ..., v1, v3, ...] and Q v = [-v1, -v3, ..., v0, v2, ...]: model.apply_rope(v) (rotated
+    evens, then rotated odds) = (P v)·[cos, cos] + (Q v)·[sin, sin]. Exact: each row has one ±1."""
+    eye = torch.eye(d, device=device)
+    return torch.cat([eye[0::2], eye[1::2]]), torch.cat([-eye[1::2], eye[0::2]])
+
+
+def _rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without its weight (folded into the next matrix), in fp32: x · rsqrt(‖x‖²/d + eps), four ops.
+    eps: a 0-dim fp32 tensor (a Python number costs a host-to-tensor conversion per op)."""
+    if x.dtype != torch.float32:
+        return _rms(x.float(), eps).to(x.dtype)
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+
+
+def _const(v: float, device) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- derived weights
+def _attn_weights(layer, dtype) -> SimpleNamespace:
+    a, f = layer.self_attn, (lambda t: t.detach().float())
+    ix = a.indexer
+    h, dn, dr, dv, kvl, HI, dI = a.n_heads, a.dn, a.dr, a.dv, a.kvl, ix.n_heads, ix.head_dim
+    dev = a.kv_b_proj.weight.device
+    P, Q = _rope_perms(dr, dev)
+    Pi = torch.block_diag(P, torch.eye(dI - dr, device=dev))  # the indexer ropes only its first dr dims
+    Qi = torch.block_diag(Q, torch.zeros(dI - dr, dI - dr, device=dev))
+    WA = torch.cat([f(a.q_a_proj.weight), f(a.kv_a_proj_with_mqa.weight), f(ix.wk.weight),
+                    f(ix.weights_proj.weight) * ix.n_heads**-0.5]) * f(layer.input_layernorm.weight)
+    bA = None
+    if a.q_a_proj.bias is not None or a.kv_a_proj_with_mqa.bias is not None:
+        z = lambda n: torch.zeros(n, device=dev)  # noqa: E731
+        bA = torch.cat([f(a.q_a_proj.bias) if a.q_a_proj.bias is not None else z(a.q_a_proj.weight.shape[0]),
+                        f(a.kv_a_proj_with_mqa.bias) if a.kv_a_proj_with_mqa.bias is not None else z(kvl + dr),
+                        z(dI + HI)]).to(dtype)
+    w_kv = f(a.kv_a_layernorm.weight)
+    qb = f(a.q_b_proj.weight).view(h, dn + dr, -1)
+    kvb = f(a.kv_b_proj.weight).view(h, dn + dv, kvl)
+    lat = torch.einsum("hdc,hdj->hcj", kvb[:, :dn], qb[:, :dn]) * (w_kv[:, None] * a.scale)  # W_UK absorbed
+    rot = qb[:, dn:] * a.scale
+    iq = f(ix.wq_b.weight).view(HI, dI, -1) * ix.softmax_scale  # relu(s)·c = relu(s·c) for c > 0
+    WB = torch.cat([lat.reshape(h * kvl, -1), (P @ rot).reshape(h * dr, -1), (Pi @ iq).reshape(HI * dI, -1),
+                    (Q @ rot).reshape(h * dr, -1), (Qi @ iq).reshape(HI * dI, -1)]) * f(a.q_a_layernorm.weight)
+    H = a.o_proj.weight.shape[0]
+    Wo = torch.einsum("ohv,hvc->ohc", f(a.o_proj.weight).view(H, h, dv), kvb[:, dn:] * w_kv).reshape(H, -1)
+    # the key side [k_rot | indexer key] → [P k | Q k] in one matmul: RoPE is then two multiplies and an add
+    Mk = torch.cat([torch.block_diag(P, Pi), torch.block_diag(Q, Qi)]).t()
+    ln, c = ix.k_norm, lambda v: torch.tensor(v, dtype=torch.float32, device=dev)  # noqa: E731
+    return SimpleNamespace(
+        WA=WA.t().contiguous().to(dtype), bA=bA, WB=WB.t().contiguous().to(dtype), Wo=Wo.t().contiguous().to(dtype),
+        bo=None if a.o_proj.bias is None else a.o_proj.bias.detach().to(dtype), Mk=Mk.contiguous().to(dtype),
+        kn_w=ln.weight.detach().to(dtype), kn_b=ln.bias.detach().to(dtype), kn_eps=ln.eps,
+        splitA=[a.q_a_proj.weight.shape[0], kvl, dr, dI, HI], splitB=[h * kvl, h * dr + HI * dI, h * dr + HI * dI],
+        h=h, kvl=kvl, dr=dr, HI=HI, dI=dI, topk=a.cfg.index_topk,
+        eps=c(layer.input_layernorm.eps), eps_q=c(a.q_a_layernorm.eps), eps_kv=c(a.kv_a_layernorm.eps))
+
+
+def _mlp_weights(layer, dtype) -> SimpleNamespace:
+    f, w = (lambda t: t.detach().float()), layer.post_attention_layernorm.weight.detach().float()
+    m, moe = layer.mlp, isinstance(layer.mlp, MoE)
+    out = SimpleNamespace(eps=torch.tensor(layer.post_attention_layernorm.eps, device=w.device), moe=moe)
+    shared = m.shared_experts if moe else m
+    Wgu = None if shared is None else torch.cat([f(shared.gate_proj.weight), f(shared.up_proj.weight)]) * w
+    out.I = 0 if shared is None else shared.gate_proj.weight.shape[0]
+    out.Wd = None if shared is None else f(shared.down_proj.weight).t().contiguous().to(dtype)
+    if not moe:
+        out.Wgu = Wgu.t().contiguous().to(dtype)
+        return out
+    cfg = m.cfg
+    if cfg.n_group > 1:
+        raise ValueError("group-limited routing (n_group > 1) is not in the inference path; GLM-5 has n_group = 1")
+    gu, down = m.experts.weights()  # (E, 2I, H), (E, H, I): views of the parameters unless int4 / QAT
+    out.gu, out.down = gu.detach().to(dtype).contiguous(), down.detach().to(dtype).contiguous()
+    out.w = w.to(dtype)
+    # the router (fp32, as the model routes) and the shared expert's gate/up read the same input: one matmul
+    out.Wr = torch.cat([f(m.gate.weight) * w] + ([Wgu] if Wgu is not None else [])).t().contiguous()
+    out.bias, out.E = m.gate.e_score_correction_bias, cfg.n_routed_experts
+    out.k, out.norm, out.experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, m.experts
+    out.rsf, out.tiny = torch.tensor(cfg.routed_scaling_factor, device=w.device), torch.tensor(1e-20, device=w.device)
+    return out
+
+
+@torch.no_grad()
+def derive_weights(model: GLM5, dtype: torch.dtype) -> SimpleNamespace:
+    m = model
+    mtp = []
+    for layer in m.mtp[:1]:
+        H = layer.eh_proj.weight.shape[0]
+        eh = layer.eh_proj.weight.detach().float()
+        eh = torch.cat([eh[:, :H] * layer.enorm.weight.float(), eh[:, H:] * layer.hnorm.weight.float()], 1)
+        mtp.append(SimpleNamespace(eh=eh.t().contiguous().to(dtype), e_eps=_const(layer.enorm.eps, eh.device),
+                                   h_eps=_const(layer.hnorm.eps, eh.device), attn=_attn_weights(layer.block, dtype),
+                                   mlp=_mlp_weights(layer.block, dtype),
+                                   w_out=layer.shared_head_norm.weight.detach().to(dtype),
+                                   out_eps=_const(layer.shared_head_norm.eps, eh.device)))
+    return SimpleNamespace(
+        emb=m.embed_tokens.weight.detach().to(dtype), head=m.lm_head.weight.detach().to(dtype).t(),
+        w_norm=m.norm.weight.detach().to(dtype), norm_eps=_const(m.norm.eps, m.norm.weight.device),
+        layers=[SimpleNamespace(attn=_attn_weights(layer, dtype), mlp=_mlp_weights(layer, dtype)) for layer in m.layers],
+        mtp=mtp)
+
+
+def _tensors_of(ns, out: list) -> list:
+    for v in vars(ns).values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, SimpleNamespace):
+            _tensors_of(v, out)
+        elif isinstance(v, list):
+            for x in v:
+                if isinstance(x, SimpleNamespace):
+                    _tensors_of(x, out)
+    return out
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place update counter; inference tensors (made under torch.inference_mode) keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """kv (layers, slots + 1, capacity, kvl + rope + index_dim) and `lengths` (slots,) tokens held per slot.
+    Slot `slots` is scratch for padded rows. capacity = max_seq_len + headroom (speculative drafts)."""
+
+    def __init__(self, n_layers: int, slots: int, max_seq_len: int, headroom: int, width: int, device, dtype):
+        self.slots, self.max_seq_len, self.capacity = slots, max_seq_len, max_seq_len + headroom
+        self.kv = torch.zeros(n_layers, slots + 1, self.capacity, width, device=device, dtype=dtype)
+        self.layers = self.kv.unbind(0)
+        self.lengths = [0] * slots
+
+    def nbytes(self) -> int:
+        """Bytes requests can use: slots × max_seq_len tokens (the scratch slot and headroom not counted)."""
+        n_layers, _, _, width = self.kv.shape
+        return n_layers * self.slots * self.max_seq_len * width * self.kv.element_size()
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+# ---------------------------------------------------------------------------------------------- the forward
+class Decoder:
+    """The engine's forward. `run(stack, ids, start, slots, h_prev)` eagerly; `run_static(...)` with the batch
+    padded to a bucket (CUDA graph per bucket on CUDA). stack "main" is the model; "mtp" its first MTP layer,
+    whose input is the main model's hidden state h_i and the next token x_{i+1} (model.MTPLayer)."""
+
+    def __init__(self, model: GLM5, max_batch: int, max_seq_len: int, headroom: int, device, sparse: bool,
+                 tie_break: str, mtp: bool):
+        cfg = self.cfg = model.config
+        self.model, self.device, self.sparse, self.tie_break = model, device, sparse, tie_break
+        self.dtype = model.embed_tokens.weight.dtype
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim
+        self.cache = KVCache(cfg.num_hidden_layers, max_batch, max_seq_len, headroom, width, device, self.dtype)
+        self.mtp_cache = KVCache(1, max_batch, max_seq_len, headroom, width, device, self.dtype) if mtp else None
+        cap = self.cache.capacity
+        self.ar = torch.arange(cap, device=device)
+        # RoPE tables, built once (model.rope_cos_sin's arithmetic) and gathered once per forward for all layers:
+        # query side [q_rot of every head | indexer queries], key side [k_rot | indexer key]
+        dr, dI, h, HI = cfg.qk_rope_head_dim, cfg.index_head_dim, cfg.num_attention_heads, cfg.index_n_heads
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float, device=device) / dr))
+        freqs = self.ar[:, None].float() * inv_freq
+        c2, s2 = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
+        ci = torch.cat([c2, torch.ones(cap, dI - dr, device=device)], 1)
+        si = torch.cat([s2, torch.zeros(cap, dI - dr, device=device)], 1)
+        self.rope = torch.cat([c2.repeat(1, h), ci.repeat(1, HI), s2.repeat(1, h), si.repeat(1, HI), c2, ci, s2, si],
+                              1).to(self.dtype)
+        R = h * dr + HI * dI
+        self.rope_split = [R, R, dr + dI, dr + dI]
+        self._state = list(model.parameters()) + list(model.buffers())
+        self._key = None
+        self.graphs: dict = {}  # (stack, T, bucket) → static buffers (+ a CUDA graph)
+        self.static = False  # inside run_static: the MoE always gathers (static shapes, no host sync)
+        self._buffers: dict[str, torch.Tensor] = {}  # expert matrices gathered for decode
+        self.refresh()
+
+    # -- weights -----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rebuild the derived weights if any parameter or buffer changed since the last call. In place when the
+        storages did not move, so captured CUDA graphs stay valid; otherwise the graphs are dropped."""
+        ptrs = tuple(t.data_ptr() for t in self._state)
+        key = (ptrs, tuple(_version(t) for t in self._state))
+        if key == self._key:
+            return
+        new = derive_weights(self.model, self.dtype)
+        if self._key is not None and ptrs == self._key[0] and self.graphs:
+            for old, t in zip(_tensors_of(self.weights, []), _tensors_of(new, [])):
+                if old.data_ptr() != t.data_ptr():
+                    old.copy_(t)
+        else:
+            self.weights = new
+            self.graphs.clear()
+        self._key = key
+
+    # -- one forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], h_prev=None,
+            last: list[int] | None = None):
+        """ids (B, T) on the device, right-padded; row b holds the tokens at positions start[b]..start[b]+T-1 of
+        slot slots[b] and writes them to the cache (the caller counts only its real ones in `lengths`).
+        h_prev (B, T, H): the main model's hidden states (stack "mtp"). → hidden (B, T, H) and the logits,
+        (B, T, V), or (B, V) at each row's index `last[b]` when given. hidden is before the final norm (main) or
+        the MTP layer's normed output (what a chained draft feeds back)."""
+        B, T = ids.shape
+        meta = torch.tensor([start, slots] + ([last] if last is not None else []), device=self.device)
+        contiguous = slots == list(range(slots[0], slots[0] + B))
+        rows = slice(slots[0], slots[0] + B) if contiguous else meta[1]
+        S = max(start) + T
+        sparse = self.sparse and S > self.cfg.index_topk
+        return self._forward(stack, ids, meta[0], meta[1], rows, S, sparse, h_prev,
+                             meta[2] if last is not None else None)
+
+    def _forward(self, stack, ids, start, slot, rows, S, sparse, h_prev, last=None):
+        W, (B, T) = self.weights, ids.shape
+        N = B * T
+        pos = (start[:, None] + self.ar[:T]).view(-1)  # (N,)
+        rope = self.rope[pos].split(self.rope_split, -1)
+        neg = torch.zeros(B, T, S, device=self.device).masked_fill_(self.ar[:S] > pos.view(B, T, 1), float("-inf"))
+        write = (slot[:, None].expand(B, T), pos.view(B, T))
+        x = W.emb[ids.view(-1)]
+        if stack == "mtp":
+            M = W.mtp[0]
+            x = torch.mm(torch.cat([_rms(x, M.e_eps), _rms(h_prev.reshape(N, -1), M.h_eps)], -1), M.eh)
+            layers, cache = [M], self.mtp_cache
+        else:
+            layers, cache = W.layers, self.cache
+        # contiguous slots: every layer's cached rows as views, taken once; otherwise gathered after each write
+        reads = cache.kv[:, rows, :S].unbind(0) if isinstance(rows, slice) else [rows] * len(layers)
+        for L, kv, cached in zip(layers, cache.layers, reads):
+            x = self._attention(L.attn, x, kv, write, cached, S, sparse, neg, rope, B, T)
+            x = self._mlp(L.mlp, x)
+        x = x.view(B, T, -1)
+        if stack == "mtp":
+            x = _rms(x, M.out_eps) * M.w_out
+        at = x if last is None else x[self.ar[:B], last]
+        if stack == "main":
+            at = _rms(at, W.norm_eps) * W.w_norm
+        return x, torch.mm(at.reshape(-1, at.shape[-1]), W.head).view(*at.shape[:-1], -1)
+
+    def _attention(self, L, x, kv, write, cached, S, sparse, neg, rope, B, T):
+        N, h, kvl, dr, HI, dI = x.shape[0], L.h, L.kvl, L.dr, L.HI, L.dI
+        cq, sq, ck, sk = rope
+        xn = _rms(x, L.eps)
+        a = torch.mm(xn, L.WA) if L.bA is None else torch.addmm(L.bA, xn, L.WA)
+        qa, ckv, kr, ik, iw = a.split(L.splitA, -1)
+        lat, rp, rq = torch.mm(_rms(qa, L.eps_q), L.WB).split(L.splitB, -1)
+        r = torch.addcmul(rp * cq, rq, sq)  # roped [q_rot of each head | indexer queries]
+        q = torch.cat([lat.view(N, h, kvl), r[:, : h * dr].view(N, h, dr)], -1)  # (N, h, kvl + dr)
+        z = torch.mm(torch.cat([kr, F.layer_norm(ik, (dI,), L.kn_w, L.kn_b, L.kn_eps)], -1), L.Mk)
+        W2 = dr + dI
+        new = torch.cat([_rms(ckv, L.eps_kv), torch.addcmul(z[:, :W2] * ck, z[:, W2:], sk)], -1)  # [c_kv|k_rot|index key]
+        kv.index_put_(write, new.view(B, T, -1))
+        if cached.dim() == 1:  # slot ids (not contiguous): gather the rows now, after the write
+            cached = kv[cached, :S]
+        latent = cached[..., : kvl + dr]
+        if sparse:  # DSA: index scores over every cached key, top-k, attention over the selected latents
+            iq, ikc = r[:, h * dr:], cached[..., kvl + dr:]
+            if self.dtype != torch.float32:
+                iq, ikc, iw = iq.float(), ikc.float(), iw.float()
+            s = torch.bmm(iq.reshape(B, T * HI, dI), ikc.transpose(1, 2)).relu_()
+            s = torch.baddbmm(neg.view(N, 1, S), iw.reshape(N, 1, HI), s.view(N, HI, S)).view(B, T, S)
+            k = min(L.topk, S)
+            if self.tie_break == "stable":
+                top = s.sort(dim=-1, descending=True, stable=True)[1][..., :k]
+            else:
+                top = s.topk(k, dim=-1)[1]
+            sel = latent.gather(1, top.reshape(B, T * k, 1).expand(B, T * k, kvl + dr)).view(N, k, kvl + dr)
+            p = (torch.bmm(q, sel.transpose(1, 2)) + neg.gather(-1, top).view(N, 1, k)).softmax(-1)
+            return self._out(L, x, torch.bmm(p if self.dtype == torch.float32 else p.to(self.dtype), sel[..., :kvl]))
+        logits = torch.bmm(q.view(B, T * h, kvl + dr), latent.transpose(1, 2)).view(B, T, h, S)
+        p = (logits + neg[:, :, None]).softmax(-1)
+        p = p if self.dtype == torch.float32 else p.to(self.dtype)
+        return self._out(L, x, torch.bmm(p.view(B, T * h, S), cached[..., :kvl]))
+
+    def _out(self, L, x, o):
+        out = torch.addmm(x, o.reshape(x.shape[0], -1), L.Wo)  # W_UV and o_proj, with the residual
+        return out if L.bo is None else out + L.bo
+
+    def _mlp(self, L, x):
+        N, I = x.shape[0], L.I
+        h = _rms(x, L.eps)
+        if not L.moe:
+            gu = torch.mm(h, L.Wgu)
+            return torch.addmm(x, F.silu(gu[:, :I]) * gu[:, I:], L.Wd)
+        rs = torch.mm(h if h.dtype == torch.float32 else h.float(), L.Wr)  # [router logits | shared gate, up]
+        scores = rs[:, : L.E].sigmoid()
+        k = L.k
+        idx = (scores + L.bias).topk(k, dim=-1, sorted=False)[1]
+        gates = scores.gather(1, idx)
+        gates = gates * (L.rsf / (gates.sum(-1, keepdim=True) + L.tiny)) if L.norm else gates * L.rsf
+        gates = gates if self.dtype == torch.float32 else gates.to(self.dtype)
+        hw = h * L.w
+        if N * k <= GATHER_PAIRS or self.static:  # gather the chosen experts' weights: few ops, static shapes
+            # copy the chosen experts' matrices (whole, fast) into preallocated buffers: a fresh megabyte-sized
+            # tensor per step would be a fresh mapping from the OS, its page faults costlier than the copy
+            flat, gu, dn = idx.view(-1), self._buffer("gu", L.gu, N * k), self._buffer("down", L.down, N * k)
+            y = torch.bmm(hw.unsqueeze(1).expand(N, k, -1).reshape(N * k, 1, -1),
+                          torch.index_select(L.gu, 0, flat, out=gu).transpose(1, 2))
+            Ie = y.shape[-1] // 2
+            y = F.silu(y[..., :Ie]) * y[..., Ie:] * gates.view(N * k, 1, 1)
+            routed = torch.bmm(y, torch.index_select(L.down, 0, flat, out=dn).transpose(1, 2)).view(N, k, -1).sum(1)
+        else:  # many tokens (prefill): the model's grouped dispatch
+            routed = L.experts(hw, gates, idx)
+        if L.Wd is None:
+            return x + routed
+        g = rs[:, L.E:] if self.dtype == torch.float32 else rs[:, L.E:].to(self.dtype)
+        return torch.addmm(x + routed, F.silu(g[:, :I]) * g[:, I:], L.Wd)
+
+    def _buffer(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
+        """n rows of a reusable (rows, *like.shape[1:]) buffer. Eager: one per name, grown as needed; static: one
+        per (name, n), so a captured CUDA graph's buffer is never replaced under it."""
+        key = (name, n) if self.static else name
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:] or buf.dtype != like.dtype:
+            buf = self._buffers[key] = torch.empty(n, *like.shape[1:], dtype=like.dtype, device=like.device)
+        return buf[:n]
+
+    # -- static shapes: buckets and CUDA graphs -------------------------------------------------------
+    @torch.inference_mode()
+    def run_static(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], bucket: int,
+                   h_prev=None, capture: bool = False):
+        """`run` with the batch padded to `bucket` rows (padded rows: scratch slot, position 0) and attention over
+        the whole capacity, every input in a fixed buffer; with capture=True (CUDA) the first call per
+        (stack, T, bucket) records a CUDA graph and later calls replay it. Same outputs as `run`."""
+        B, T = ids.shape
+        key = (stack, T, bucket)
+        g = self.graphs.get(key)
+        if g is None:
+            H = self.cfg.hidden_size
+            g = self.graphs[key] = SimpleNamespace(
+                ids=torch.zeros(bucket, T, dtype=torch.long, device=self.device),
+                meta=torch.zeros(2, bucket, dtype=torch.long, device=self.device),
+                h=torch.zeros(bucket, T, H, dtype=self.dtype, device=self.device) if stack == "mtp" else None,
+                graph=None, out=None)
+        g.ids.zero_()
+        g.ids[:B] = ids
+        g.meta.copy_(torch.tensor([start + [0] * (bucket - B), slots + [self.cache.slots] * (bucket - B)]))
+        if h_prev is not None:
+            g.h[:B] = h_prev
+        if g.out is None or not capture:
+            self.static = True
+            try:
+                fwd = lambda: self._forward(stack, g.ids, g.meta[0], g.meta[1], g.meta[1], self.cache.capacity,  # noqa: E731
+                                            self.sparse and self.cache.capacity > self.cfg.index_topk, g.h)
+                if capture:
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):  # warm-up outside the graph (allocator, kernels' workspaces)
+                        fwd()
+                    torch.cuda.current_stream().wait_stream(s)
+                    g.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g.graph):
+                        g.out = fwd()
+                else:
+                    g.out = fwd()
+            finally:
+                self.static = False
+        if capture:
+            g.graph.replay()
+        hidden, logits = g.out
+        return hidden[:B], logits[:B]

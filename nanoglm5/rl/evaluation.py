@@ -1,0 +1,237 @@
+"""How an RL run is judged: held-out pass@1 (greedy and sampled) through the rollout engine, confidence
+intervals for it and for RL's gain, and the figures of a run: reward against wall clock (a moving average
+with its spread, the held-out evaluations marked) and the timeline of who was busy when (trainer and
+workers: generating, judging, waiting)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from nanoglm5.rl.buffer import Lease
+from nanoglm5.rl.rl_config import RLConfig
+from nanoglm5.rl.rollout import Rollout, make_envs
+
+
+# ---------------------------------------------------------------------------------------------- pass@1
+class MemoJudge:
+    """An environment whose judge runs each distinct (task, completion) once: the sampled draws of a confident
+    model repeat themselves, and the code judge (a sandboxed Python process per program) is the costly part
+    of an evaluation. Rewards are the judge's own (its test cases are fixed), so nothing changes but time."""
+
+    def __init__(self, env):
+        self.env, self.memo, self.lock = env, {}, threading.Lock()
+        self.calls = self.hits = 0
+
+    def __getattr__(self, name):  # make_tasks, reward, reset, step … of the wrapped environment
+        return getattr(self.env, name)
+
+    def judge(self, task, text: str):
+        key = (task.task_id, text)
+        with self.lock:
+            self.calls += 1
+            if key in self.memo:
+                self.hits += 1
+                return self.memo[key]
+        out = self.env.judge(task, text)
+        with self.lock:
+            self.memo[key] = out
+        return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, tasks, cfg: RLConfig, batch_groups: int = 16, samples: int = 0) -> dict:
+    """Held-out accuracy over `tasks`, in-process: greedy pass@1 {"acc", "acc/<env>", "n"}, and with
+    samples > 0 also the sampled pass@1 {"sampled", "sampled/<env>"}: the mean reward of `samples` draws
+    per task at the rollout temperature, each seeded by (seed, task index, draw) so before and after see
+    the same draws. Sampled pass@1 is what RL optimises (the policy's expected reward); greedy shows what
+    it does to the mode, which the SFT model may already have right. "per_task" holds each task's greedy
+    reward and mean sampled reward (in task order), for confidence intervals and paired differences
+    (`mean_ci`, `gain`). Reads max_new_tokens, max_len, temperature, seed, env_threads and
+    allow_unsandboxed from `cfg`."""
+
+    judged = {True: 0, False: 0}
+    envs = {name: (MemoJudge(env) if hasattr(env, "judge") else env) for name, env in make_envs(cfg).items()}
+
+    def run(greedy: bool, g: int) -> list[float]:
+        c = replace(cfg, group_size=g, worker_groups=batch_groups, env_latency_s=0.0)
+        ro = Rollout(model, tokenizer, c, greedy=greedy, envs=envs)
+        try:
+            groups = ro.run([(Lease(i, 0, math.inf, 0), t) for i, t in enumerate(tasks)])
+        finally:
+            ro.close()
+        for t in (t for grp in groups for t in grp.trajectories if t.meta.get("sandboxed") is not None):
+            judged[t.meta["sandboxed"]] += 1
+        return [float(np.mean([t.reward for t in grp.trajectories])) for grp in groups]
+
+    out = {"n": len(tasks), "samples": samples, "per_task": {}}
+    for key, rewards in [("acc", run(True, 1))] + ([("sampled", run(False, samples))] if samples > 0 else []):
+        out[key] = float(np.mean(rewards)) if rewards else float("nan")
+        out["per_task"][key] = rewards
+        for env in sorted({t.env for t in tasks}):
+            out[f"{key}/{env}"] = float(np.mean([r for r, t in zip(rewards, tasks) if t.env == env]))
+    out["judged_sandboxed"], out["judged_unsandboxed"] = judged[True], judged[False]
+    memo = [e for e in envs.values() if isinstance(e, MemoJudge)]
+    out["judge_runs"] = sum(e.calls - e.hits for e in memo)  # programs actually run (the rest were repeats)
+    return out
+
+
+def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the normal 95% interval of the mean over tasks (per-task values in [0, 1])."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    m = float(x.mean())
+    h = z * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return m, m - h, m + h
+
+
+def gain(before: dict, after: dict, key: str = "sampled") -> tuple[float, float, float]:
+    """after − before with its 95% interval, paired by task (the same tasks and the same seeded draws)."""
+    b, a = before["per_task"][key], after["per_task"][key]
+    if len(a) != len(b):
+        raise ValueError(f"gain: {len(b)} tasks before, {len(a)} after: evaluate both on the same tasks")
+    return mean_ci(np.asarray(a) - np.asarray(b))
+
+
+def judged_line(sandboxed: int, unsandboxed: int) -> str:
+    """How the code rewards were judged, for logs and reports: never claim a sandbox that did not run."""
+    if sandboxed + unsandboxed == 0:
+        return "no program was run by the judge"
+    if unsandboxed == 0:
+        return f"all {sandboxed} code judgements ran in the bubblewrap sandbox"
+    return (f"{unsandboxed} of {sandboxed + unsandboxed} code judgements ran WITHOUT bubblewrap "
+            "(--allow-unsandboxed: resource limits only)")
+
+
+# ---------------------------------------------------------------------------------------------- timeline
+def _union(spans) -> list[list[float]]:
+    out = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def _length(spans) -> float:
+    return sum(e - s for s, e in _union(spans))
+
+
+def timeline_rows(tl: dict) -> dict:
+    """controller.timeline() → per lane, the spans of each activity: {"trainer": {"training": […]},
+    "worker i": {"busy": […], "judging": […]}}. A worker is busy while it holds a group (generating, or
+    waiting for its judge); a group's judging span runs from its slowest judge call's start to its commit
+    (group log "judge_s", when the controller recorded it)."""
+    rows = {"trainer": {"training": [list(s) for s in tl.get("trainer", [])]}}
+    for wid, spans in sorted(tl.get("workers", {}).items(), key=lambda kv: int(kv[0])):
+        judging = [[g["t"] - g["judge_s"], g["t"]] for g in tl.get("groups", [])
+                   if str(g.get("worker")) == str(wid) and g.get("judge_s")]
+        rows[f"worker {wid}"] = {"busy": [list(s) for s in spans], "judging": judging}
+    return rows
+
+
+def utilization(tl: dict, wall: float | None = None) -> dict:
+    """Busy fractions over the run's wall clock: the trainer (training), each worker (holding a group), and the
+    share of worker time a judge call was running; wall defaults to the last recorded moment."""
+    rows = timeline_rows(tl)
+    ends = [e for lanes in rows.values() for spans in lanes.values() for _, e in spans]
+    wall = wall or (max(ends) if ends else 0.0)
+    if wall <= 0:
+        return {}
+    workers = [lanes for name, lanes in rows.items() if name.startswith("worker")]
+    return {"wall_s": wall, "trainer_busy": _length(rows["trainer"]["training"]) / wall,
+            "worker_busy": float(np.mean([_length(w["busy"]) / wall for w in workers])) if workers else 0.0,
+            "worker_judging": float(np.mean([_length(w["judging"]) / wall for w in workers])) if workers else 0.0}
+
+
+def plot_timeline(timelines: dict[str, dict], path, walls: dict | None = None) -> dict:
+    """One panel per run (sync, async): a lane for the trainer (training / waiting for a batch) and one per
+    worker (generating, judging, waiting), with the measured utilization in the title. Returns it per run."""
+    import matplotlib  # optional dependency: only figures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    util = {name: utilization(tl, (walls or {}).get(name)) for name, tl in timelines.items()}
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(11, 1.0 + 1.1 * (len(timelines) + 2)), squeeze=False,
+                             sharex=True)
+    colors = {"training": "tab:blue", "busy": "tab:green", "judging": "tab:orange"}
+    for ax, (name, tl) in zip(axes[:, 0], timelines.items()):
+        rows = timeline_rows(tl)
+        u = util[name]
+        labels = list(rows)
+        for y, lane in enumerate(labels):
+            for kind, spans in rows[lane].items():
+                h, off = (0.3, -0.35) if kind == "judging" else (0.6, -0.3)
+                ax.broken_barh([(s, e - s) for s, e in spans], (y + off, h), color=colors[kind], lw=0)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(-0.6, len(labels) - 0.4)
+        ax.invert_yaxis()
+        if u:
+            ax.set_xlim(0, u["wall_s"])
+            ax.set_title(f"{name}: trainer busy {u['trainer_busy']:.0%}, workers busy {u['worker_busy']:.0%} "
+                         f"(judging {u['worker_judging']:.0%}); white = waiting", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("wall clock (s)")
+    axes[0, 0].legend(handles=[Patch(color=colors["training"], label="trainer: training"),
+                               Patch(color=colors["busy"], label="worker: generating (holds a group)"),
+                               Patch(color=colors["judging"], label="worker: judging")],
+                      loc="upper right", fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return util
+
+
+# ---------------------------------------------------------------------------------------------- reward
+def moving(x, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trailing moving average and standard deviation over up to `window` points."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.array([x[max(0, i - window + 1): i + 1].mean() for i in range(len(x))])
+    s = np.array([x[max(0, i - window + 1): i + 1].std() for i in range(len(x))])
+    return m, s
+
+
+def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = None, window: int = 5) -> None:
+    """Mean batch reward against wall-clock seconds (and against steps), one line per run: the moving average
+    over `window` steps with ± one standard deviation shaded, the raw points faint. `evals` marks held-out
+    evaluations: {run: [(time_s, value, low, high, label)]}, drawn as points with their interval on the
+    wall-clock panel (sampled pass@1 is an expected reward at the rollout temperature, like the batch reward)."""
+    import matplotlib  # optional dependency: only figures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (name, hist) in enumerate(runs.items()):
+        if not hist:
+            continue
+        color = f"C{i}"
+        r = [h["reward"] for h in hist]
+        m, s = moving(r, window)
+        for ax, x in ((axes[0], [h["time"] for h in hist]), (axes[1], [h["step"] for h in hist])):
+            ax.plot(x, r, ".", color=color, alpha=0.3)
+            ax.plot(x, m, "-", color=color, label=f"{name} (moving mean of {window})")
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.15)
+        for t, v, lo, hi, label in (evals or {}).get(name, []):
+            yerr = [[v - lo], [hi - v]] if np.isfinite(lo) else None
+            axes[0].errorbar([t], [v], yerr=yerr, fmt="D", color=color, ms=6, capsize=3, mec="black")
+            axes[0].annotate(label, (t, v), textcoords="offset points", xytext=(4, 6), fontsize=7, color=color)
+    axes[0].set_xlabel("wall clock (s)")
+    axes[1].set_xlabel("optimizer step")
+    for ax in axes:
+        ax.set_ylabel("mean reward of the trained batch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if evals:
+        axes[0].set_title("◆ held-out sampled pass@1 (95% CI) before and after", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,148 @@
+"""The notebooks (notebooks/*.ipynb): each one runs top to bottom where Jupyter runs it, and does what it teaches.
+
+Jupyter starts a notebook's kernel in the notebook's folder, so every run here has cwd = notebooks/ (each
+notebook's first cell finds the repository root from there). Small settings are injected the way papermill
+does it: a cell with the overrides goes right after the cell tagged `parameters`. Each notebook ends with a
+cell that prints one JSON line of the numbers it stands for; the tests parse that line and check them.
+Executing here never writes the files back: the committed notebooks keep the outputs of a full run
+(refresh them with `jupyter nbconvert --to notebook --execute --inplace notebooks/NAME.ipynb` from the
+repository root: nbconvert also runs the kernel in notebooks/).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def run_notebook(name: str, overrides: str = "", timeout: int = 600):
+    """Execute notebooks/`name` with cwd = notebooks/; `overrides` runs right after the `parameters` cell.
+    Returns (the executed notebook, the dict its last code cell printed as JSON)."""
+    nbformat = require("nbformat", "the notebook tests read notebooks (requirements-dev.txt)")
+    nbclient = require("nbclient", "the notebook tests run notebooks (requirements-dev.txt)")
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    if overrides:
+        at = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+        assert len(at) == 1, f"{name}: overrides need exactly one cell tagged 'parameters', found {len(at)}"
+        cell = nbformat.v4.new_code_cell(overrides.strip(), metadata={"tags": ["injected-parameters"]})
+        nb.cells.insert(at[0] + 1, cell)
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb, final_json(nb)
+
+
+def final_json(nb) -> dict:
+    """The JSON line printed by the notebook's last code cell."""
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    text = "".join(o.get("text", "") for o in last.get("outputs", []) if o.get("output_type") == "stream")
+    lines = [x for x in text.splitlines() if x.startswith("{")]
+    assert lines, f"the last code cell printed no JSON line; it printed {text[-500:]!r}"
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------------- static checks
+# Path("data"), open("data/..."), "out/...", "../data": paths that resolve against the working directory
+RELATIVE_PATH = re.compile(r"""(?<![\w/])(?:Path|open)\(\s*f?["'](?:\.\./)?(?:data|out|nanoglm5|bench|notebooks)\b"""
+                           r"""|(?<!/ )(?<!\w)f?["'](?:\.\./|(?:data|out)/)""")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_committed_runnable(name):
+    """Committed with the outputs of a clean run (no errors), small, and with no path that only works from
+    one working directory (paths go through ROOT, found in the first code cell)."""
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    size = (NOTEBOOKS / name).stat().st_size
+    assert size < 1_000_000, f"{name} is {size:,} bytes: keep outputs small (no long logs, modest figures)"
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert cells and "ROOT" in "".join(cells[0]["source"]), f"{name}: the first code cell must define ROOT"
+    assert cells[-1].get("outputs"), f"{name}: commit it executed, with its outputs"
+    errors = [o.get("ename") for c in cells for o in c["outputs"] if o.get("output_type") == "error"]
+    assert not errors, f"{name} was committed with errors: {errors}"
+    counts = [c["execution_count"] for c in cells]
+    assert counts == list(range(1, len(cells) + 1)), f"{name}: run top to bottom once (execution counts {counts})"
+    bad = [line for c in cells for line in "".join(c["source"]).splitlines() if RELATIVE_PATH.search(line)]
+    assert not bad, f"{name}: paths relative to the working directory (use ROOT / ...): {bad}"
+
+
+def test_every_notebook_has_a_test_here():
+    tested = set(re.findall(r'run_notebook\("([\w.]+)"', Path(__file__).read_text()))
+    assert set(NAMES) == tested, f"untested notebooks: {set(NAMES) - tested}; unknown: {tested - set(NAMES)}"
+
+
+# ---------------------------------------------------------------------------------------------- one run each
+@pytest.mark.slow
+def test_00_scale():
+    _, r = run_notebook("00_scale.ipynb")
+    assert r["meta_equals_analytic"] and r["total"] == 743_911_218_432
+    assert 15 < r["total_over_active"] < 25  # 744B total, ~40B active
+    assert r["dsa_over_dense_prefill_128k"] < 0.25
+    assert r["kv_expanded_B_per_token"] / r["kv_compressed_B_per_token"] > 40
+
+
+@pytest.mark.slow
+def test_01_data():
+    _, r = run_notebook("01_data.ipynb", "BUDGET_CHARS = 400_000\nVOCAB_SIZE = 1024")
+    assert r["dedup_recall"] > 0.9 and r["dedup_precision"] > 0.9, r
+    assert r["quality_auc"] > 0.9 and r["language_accuracy"] > 0.8 and r["math_judge_auc"] > 0.8, r
+    assert r["tokenizer_round_trip"] and 0 < r["learned_tokens"] < r["template_tokens"]
+    assert 0 < r["kept"] < r["documents"]
+
+
+@pytest.mark.slow
+def test_02_model():
+    _, r = run_notebook("02_model.ipynb", "TRAIN_STEPS = 10")
+    assert r["train_loss_last"] < r["train_loss_first"], r
+    assert r["absorbed_vs_expanded_max_diff"] < 1e-4 and r["gathered_vs_masked_max_diff"] < 1e-4, r
+    assert not r["selected_future_key"]
+    assert r["imbalance_last"] < r["imbalance_first"], r  # the sign rule evens out the tilted router
+    assert 0 <= r["acc_main"] <= 1 and 0 <= r["acc_mtp"] <= 1
+
+
+@pytest.mark.slow
+def test_03_pretrain():
+    _, r = run_notebook("03_pretrain.ipynb", "DENSE, WARM, SPARSE = 8, 3, 5\nSEQ_LEN = 64")
+    assert len(r["stages"]) == 3 and r["steps"] == 16, r  # dense → indexer warm-up → sparse
+    assert r["val_loss_dsa"] < r["first_train_loss"] and r["val_loss_dense"] < r["first_train_loss"], r
+    assert abs(r["gap_percent"]) < 25, r
+
+
+@pytest.mark.slow
+def test_05_int4():
+    _, r = run_notebook("05_int4.ipynb", "PRETRAIN_STEPS, SFT_STEPS = 6, 4")
+    assert r["max_error_over_scale"] <= 0.5 + 1e-6 and r["straight_through_grad_ones"], r
+    assert r["qat_equals_packed_bitwise"], r  # one quantizer for training and conversion
+    assert all(v == v and v > 0 for v in r["held_out"].values()), r
+    assert r["int4_layers_over_bf16_g32"] < 0.3 and r["model_over_fp32_g128"] < 1, r
+
+
+@pytest.mark.slow
+def test_06_serve():
+    _, r = run_notebook("06_serve.ipynb", "CKPT = None")
+    assert r["cache_equals_recompute"], r
+    assert r["cache_over_expanded"] < 1 and len(r["models"]) == 1 and r["finish_reason"] in ("stop", "length"), r
+    assert r["stream_chunks"] >= 2 and r["bad_request_status"] == 400, r
+    assert all(v > 0 for v in r["tokens_per_s"].values()), r
+
+
+@pytest.mark.slow
+def test_04_async_rl():
+    """The buffer refuses the group that would break η, DDIS masks nothing on-policy and more the staler the
+    rollouts, the simulated async schedule beats sync, and both real Controller runs finish their steps within η."""
+    _, r = run_notebook("04_async_rl.ipynb", "USE_SFT = False\nSTEPS = 3")
+    assert r["refused_stale_group"] and r["admitted_after_step"] == [4, 5], r
+    assert set(r["buffer_staleness_hist"]) == {"0", "1"}, r  # η = 1: groups 2, 3 trained one version late
+    masks = r["ddis_mask_frac_by_staleness"]
+    assert all(0 <= m <= 1 for m in masks) and masks[0] == 0 and masks[-1] > masks[1] > 0, masks
+    assert r["on_policy_max_abs_log_ratio"] < 1e-4, r  # the learner's log-probs reproduce the sampler's
+    assert r["sim_seconds"]["async"] < r["sim_seconds"]["sync"], r
+    runs = r["runs"]
+    assert runs["sync"]["steps"] == runs["async"]["steps"] == 3, runs
+    assert set(runs["sync"]["staleness_hist"]) == {"0"}, runs
+    assert max(int(k) for k in runs["async"]["staleness_hist"]) <= r["eta"], runs
+    assert all(0 <= m <= 1 for run in runs.values() for m in run["is_mask_frac"]), runs
