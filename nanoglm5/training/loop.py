@@ -487,9 +487,11 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         # the engine seeds its own generator from torch's: fork, so sampling leaves the training RNG stream as
-        # it was. tie_break "topk": the DSA selection the model trains and evaluates with (model.Attention)
+        # it was. tie_break "topk": the DSA selection the model trains and evaluates with (model.Attention).
+        # graphs off: a few samples per eval would not repay capturing CUDA graphs for a short-lived engine
         with torch.random.fork_rng(devices=[]):
-            engine = Engine(self.model, max_batch=max(1, len(prompts)), sparse=stage == "sparse", tie_break="topk")
+            engine = Engine(self.model, max_batch=max(1, len(prompts)), sparse=stage == "sparse", tie_break="topk",
+                            graphs="off")
             done = engine.generate([ids for _, ids in prompts], params)
         self.model.train(was)
         return [f"{text!r} → {tok.decode(comp.token_ids)!r}" for (text, _), comp in zip(prompts, done)]
