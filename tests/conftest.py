@@ -10,7 +10,13 @@ import time
 import warnings
 
 import pytest
+import torch
 import uvicorn
+
+from nanoglm5.checkpoint import save_hf
+from nanoglm5.config import ModelConfig
+from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.model import GLM5
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -49,3 +55,18 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+CHAT_TEXTS = ["the cat sat on the mat", "hello world, hello model", "1 + 2 = 3 and 2 + 2 = 4"] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_ckpt(tmp_path_factory):
+    """A tiny random chat checkpoint with its tokenizer (DSA selects: index_topk 16 < 96 positions), the one the
+    server, load and chat-page tests serve."""
+    tok = Tokenizer.train(CHAT_TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=96, index_topk=16))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    save_hf(model, path, tokenizer=tok)
+    return path

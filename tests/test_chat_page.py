@@ -14,13 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from conftest import IN_CI, LiveServer
 
-from nanoglm5.checkpoint import save_hf
-from nanoglm5.config import ModelConfig
-from nanoglm5.data.tokenizer import Tokenizer
-from nanoglm5.model import GLM5
 from nanoglm5.server import create_app
 
 try:  # optional: only this test needs a browser
@@ -35,20 +30,13 @@ except ImportError:
 PAGE = Path(__file__).resolve().parents[1] / "nanoglm5" / "chat.html"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-TEXTS = ["the cat sat on the mat", "hello world, hello model", "1 + 2 = 3 and 2 + 2 = 4"] * 20
 MAX_TOKENS = 12
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    model = GLM5(
-        ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=96, index_topk=16)
-    )
-    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(model, ckpt, tokenizer=tok)
+def server(tiny_chat_ckpt):
+    ckpt = tiny_chat_ckpt
     srv = LiveServer(create_app(ckpt, max_batch=4, max_queue=8, default_max_tokens=8))
     yield srv
     srv.close()

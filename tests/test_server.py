@@ -20,17 +20,10 @@ from nanoglm5.model import GLM5
 from nanoglm5.quant import convert_checkpoint
 from nanoglm5.server import TextState, create_app
 
-TEXTS = ["the cat sat on the mat", "hello world, hello model", "1 + 2 = 3 and 2 + 2 = 4"] * 20
-
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=96, index_topk=16))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(model, path, tokenizer=tok)
-    return path
+def ckpt(tiny_chat_ckpt):
+    return tiny_chat_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,8 @@ import httpx
 import pytest
 import torch
 from conftest import LiveServer
-from test_server import MSG, TEXTS, assert_openai_error
+from test_server import MSG, assert_openai_error
 
-from nanoglm5.checkpoint import save_hf
-from nanoglm5.config import ModelConfig
-from nanoglm5.data.tokenizer import Tokenizer
-from nanoglm5.model import GLM5
 from nanoglm5.server import create_app
 
 pytestmark = pytest.mark.slow
@@ -27,12 +23,8 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tok = Tokenizer.train(TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=96, index_topk=16))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(model, path, tokenizer=tok)
+def server(tiny_chat_ckpt):
+    path = tiny_chat_ckpt
     # max_batch + max_queue >= CONCURRENCY: a well-behaved client at this concurrency is never refused (429)
     srv = LiveServer(create_app(path, max_batch=CONCURRENCY, max_queue=CONCURRENCY, default_max_tokens=8))
     yield srv
