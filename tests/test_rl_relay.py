@@ -1,5 +1,9 @@
-"""WeightRelay (nanoglm5/rl/relay.py): round trip, monotonic versions, no torn reads across processes."""
+"""WeightRelay (nanoglm5/rl/relay.py): round trip, monotonic versions, no torn reads across processes, no lock a
+dead reader can hold."""
 
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -70,8 +74,7 @@ class _NoSeqlockRelay(WeightRelay):
     """The relay with its seqlock check removed: a read returns whatever it copied."""
 
     def _try_pull(self, tensors):
-        with self._latest.get_lock():
-            s = self._latest.value
+        s = self._latest.value
         flat = self.slots[s]
         with torch.no_grad():
             for e in self.layout:
@@ -157,3 +160,43 @@ def test_no_torn_version_under_concurrency_and_torn_reads_are_retried():
     assert all(r[0] == "ok" for r in results), results
     assert sum(r[1] for r in results) > 10 and relay.latest_version() > 5, (results, relay.latest_version())
     assert sum(r[2] for r in results) > 0, f"no read overlapped a write in {MAX_S:g}s: the retry path never ran {results}"
+
+
+class _StallingValue:
+    """The relay's `latest` counter as one reader process sees it: reading its value never returns, as if the
+    reader were SIGKILLed (or frozen) in the middle of reading the counters. Everything else passes through."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "value":
+            time.sleep(3600)
+        return getattr(self.inner, name)
+
+
+def _read_then_die_midway(relay, ready):
+    relay._latest = _StallingValue(relay._latest)
+    ready.set()
+    relay.latest_version()
+
+
+def test_a_reader_killed_while_reading_the_counters_never_blocks_the_writer():
+    """A rollout worker can die at any instruction (SIGKILL in the fault tests, the OOM killer). The counters
+    once sat behind process-shared locks: a worker killed holding one left it held, and the trainer's next
+    publish blocked for ever (the whole RL run hung). Now nothing a reader does can make the writer wait."""
+    ctx = mp.get_context("spawn")
+    relay = WeightRelay(_state(0.0), ctx=ctx)
+    ready = ctx.Event()
+    p = ctx.Process(target=_read_then_die_midway, args=(relay, ready), daemon=True)
+    p.start()
+    assert ready.wait(60), "the reader process did not start"
+    time.sleep(0.5)  # inside latest_version() now, stalled on the counter
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    t = threading.Thread(target=relay.publish, args=(_state(1.0), 1), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "publish blocked: a dead reader still holds a lock of the relay"
+    d = {k: torch.empty_like(v) for k, v in _state(0.0).items()}
+    assert relay.pull(d) == 1 and torch.equal(d["w"], _state(1.0)["w"])

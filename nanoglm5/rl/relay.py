@@ -18,8 +18,14 @@ The seqlock rule (one writer, any number of readers):
           the copy may be torn, retry; else the copy is exactly version[s].
 The writer never waits for readers (it only ever writes the slot readers were told not to take);
 a reader retries at most while the writer republishes faster than one copy takes, which a trainer
-publishing once per step never does. The counters live in `mp.Array`s whose lock is held only
-around the counter update/read itself — for the memory barriers — never during a copy.
+publishing once per step never does.
+
+No lock at all, on purpose: the counters are lock-free shared integers (`RawArray`). A worker can be
+SIGKILLed at any instruction (the fault tests do it; so does the OOM killer), and a process-shared
+lock it held then stays held for ever: the trainer's next publish would block, and the run with it.
+Aligned 8-byte loads and stores are atomic on x86-64 and arm64; their order around the copy rests on
+x86-64's ordered loads and ordered stores, and elsewhere on the mutex operations of the GIL hand-off
+that every torch copy makes.
 
 Pass a relay to spawned children as a `Process` argument (tensors travel as shared-memory handles
 via torch.multiprocessing, the counters by inheritance); do not send it through a Queue.
@@ -70,14 +76,13 @@ class WeightRelay:
             offset += t.numel()
         self.numel = offset
         self.slots = [torch.zeros(offset, dtype=torch.float32).share_memory_() for _ in range(2)]
-        self._seq = ctx.Array("q", [0, 0])  # per-slot sequence counters (odd = being written)
-        self._version = ctx.Array("q", [-1, -1])  # version held by each slot
-        self._latest = ctx.Value("i", 1)  # the slot readers take; first publish goes to slot 0
+        self._seq = ctx.RawArray("q", [0, 0])  # per-slot sequence counters (odd = being written)
+        self._version = ctx.RawArray("q", [-1, -1])  # version held by each slot
+        self._latest = ctx.RawValue("q", 1)  # the slot readers take; first publish goes to slot 0
         self.publish(state_dict, version)
 
     def latest_version(self) -> int:
-        with self._latest.get_lock(), self._version.get_lock():
-            return self._version[self._latest.value]
+        return self._version[self._latest.value]
 
     def publish(self, weights: torch.nn.Module | dict[str, torch.Tensor], version: int) -> None:
         """Write `weights` as `version` into the inactive slot, then make it the latest. One writer only."""
@@ -86,8 +91,7 @@ class WeightRelay:
         if version <= current:
             raise ValueError(f"publish: versions must increase; got version={version} after {current}")
         s = 1 - self._latest.value
-        with self._seq.get_lock():
-            self._seq[s] += 1  # odd: readers that started on slot s will retry
+        self._seq[s] += 1  # odd: readers that started on slot s will retry (one writer: no lost update)
         flat = self.slots[s]
         with torch.no_grad():
             for e in self.layout:
@@ -98,29 +102,22 @@ class WeightRelay:
                         f"publish: tensor {e.name!r} has shape {got}, relay layout expects {e.shape}"
                     )
                 flat[e.offset : e.offset + e.numel].copy_(t.detach().reshape(-1))
-        with self._version.get_lock():
-            self._version[s] = version
-        with self._seq.get_lock():
-            self._seq[s] += 1  # even: stable
-        with self._latest.get_lock():
-            self._latest.value = s
+        self._version[s] = version
+        self._seq[s] += 1  # even: stable
+        self._latest.value = s
 
     def _try_pull(self, tensors: dict[str, torch.Tensor]) -> int | None:
         """One seqlock read attempt: the version copied, or None if it may be torn."""
-        with self._latest.get_lock():
-            s = self._latest.value
-        with self._seq.get_lock():
-            q1 = self._seq[s]
+        s = self._latest.value
+        q1 = self._seq[s]
         if q1 % 2:
             return None
         flat = self.slots[s]
         with torch.no_grad():
             for e in self.layout:
                 tensors[e.name].copy_(flat[e.offset : e.offset + e.numel].view(e.shape))
-        with self._version.get_lock():
-            v = self._version[s]
-        with self._seq.get_lock():
-            q2 = self._seq[s]
+        v = self._version[s]
+        q2 = self._seq[s]
         return v if q1 == q2 else None
 
     def pull(
