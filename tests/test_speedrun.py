@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from nanoglm5.report import README_BEGIN, README_END, SpeedrunError, readme_results, write_readme_results
 from nanoglm5.speedrun import BUDGETS, main, stage_commands
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -36,6 +39,17 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
     assert '"source": "qat"' in (out / "int4" / "config.json").read_text()
     assert [h["step"] for h in map(json.loads, (out / "sft" / "metrics.jsonl").read_text().splitlines())][-1] == \
         BUDGETS["quick"].sft_steps  # the QAT branch continued the trunk's history and schedule
+
+    # README's results block is written from a results.json, and nothing else in README changes
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{README_BEGIN}\nstale numbers\n{README_END}\n\n## after\n")
+    write_readme_results(readme, res)
+    text = readme.read_text()
+    assert text.startswith("# intro\n\n") and text.endswith("\n\n## after\n") and "stale numbers" not in text
+    assert f"Total: {res['total_seconds']:.0f} s" in text and f"| pretrain | val loss {res['val_loss']['pretrain']:.3f}" in text
+    readme.write_text("# no block here\n")
+    with pytest.raises(SpeedrunError, match="no results block"):
+        write_readme_results(readme, res)
 
     # re-running skips every finished stage
     capsys.readouterr()
@@ -79,3 +93,10 @@ def test_stage_commands_branch_sft_and_pass_the_sandbox_flag(tmp_path):
 def test_speedrun_help_runs_as_a_module():
     r = subprocess.run([sys.executable, "-m", "nanoglm5.speedrun", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--quick" in r.stdout and "--allow-unsandboxed" in r.stdout
+
+
+def test_readme_results_are_those_of_docs_results_json():
+    """README's numbers come from docs/results.json: its results block is exactly what report.py writes from it."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(README_BEGIN):text.index(README_END) + len(README_END)]
+    assert block == readme_results(json.loads((ROOT / "docs" / "results.json").read_text()))
