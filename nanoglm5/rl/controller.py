@@ -244,19 +244,23 @@ class Controller:
         def suspect(gid):
             return self.buffer.failures.get(gid, 0) > 0
 
+        # only workers that said Hello take leases: a lease's clock runs from its admission, and a replacement may
+        # wait long for a node (or, on a busy machine, to import torch); meanwhile its leases wait here, renewed
+        ready = [w for w in live if w.pid is not None]
+
         def open_to(kind, room=True):  # workers that may take a new group of this kind
-            return [w for w in live if w.reserved_for is None and not any(map(suspect, w.assigned))
+            return [w for w in ready if w.reserved_for is None and not any(map(suspect, w.assigned))
                     and (not room or len(w.assigned) < cap) and (not c.repack or w.kind == kind)]
 
-        def load(w):  # workers that said Hello first (a replacement may wait long for a node), then the least held
-            return w.pid is None, len(w.assigned)
+        def load(w):  # the least held first
+            return len(w.assigned)
 
         def place(lease, task, kind) -> bool:
             if not suspect(lease.group_id):
                 ws = open_to(kind)
                 w = min(ws, key=load) if ws else None
             else:
-                mine = [w for w in live if w.reserved_for == lease.group_id] or open_to(kind, room=False)
+                mine = [w for w in ready if w.reserved_for == lease.group_id] or open_to(kind, room=False)
                 if not mine:
                     return False
                 w = min(mine, key=load)
