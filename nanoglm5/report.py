@@ -285,6 +285,11 @@ def _fmt(x, d=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{d}f}"
 
 
+def _sign(gain: dict) -> str:
+    """Where a gain's 95% interval lies: what the report and README may claim of it."""
+    return "above zero" if gain["low"] > 0 else "below zero" if gain["high"] < 0 else "not distinguishable from zero"
+
+
 def _ci(p: dict, k: str) -> str:
     lo, hi = p.get(f"{k}_ci", [math.nan, math.nan])
     return f"{_fmt(p.get(k))}" + (f" [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) else "")
@@ -383,8 +388,7 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
                   f"Sync keeps the trainer busy {us['trainer_busy']:.0%} of its wall clock and the workers "
                   f"{us['worker_busy']:.0%} (a judge call running {us['worker_judging']:.0%}); async "
                   f"{ua['trainer_busy']:.0%} and {ua['worker_busy']:.0%} ({ua['worker_judging']:.0%}). Here {why}.", ""]
-    sig = lambda m: ("above zero" if g[m]["sampled"]["low"] > 0 else "below zero" if g[m]["sampled"]["high"] < 0  # noqa: E731
-                     else "not distinguishable from zero")
+    sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
     lines += [f"How sure: RL's gain is measured where SFT leaves room, the sampled pass@1 ({_fmt(p['sft']['sampled'])} "
               f"after SFT, against a greedy {_fmt(p['sft']['greedy'])}): sync {gl('rl_sync', 'sampled')} "
               f"({sig('rl_sync')}), async {gl('rl_async', 'sampled')} ({sig('rl_async')}). The intervals are paired by "
@@ -413,8 +417,7 @@ def readme_results(r: dict) -> str:
     start = loads[0] if loads else 0.0  # before the first stage: other jobs' load; later figures include our own
     acc = lambda m: f"code pass@1 greedy {_fmt(p[m]['greedy'])}, sampled {_ci(p[m], 'sampled')}"  # noqa: E731
     g = r["rl_gain"]
-    sig = lambda m: ("above zero" if g[m]["sampled"]["low"] > 0 else "below zero"  # noqa: E731
-                     if g[m]["sampled"]["high"] < 0 else "not distinguishable from zero")
+    sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
     what = {
         "data": "token shards after the quality, dedup, language and math-judge filters",
         "pretrain": f"val loss {_fmt(v['pretrain'])} nats vs the unigram baseline {_fmt(v['unigram'])} "

@@ -11,12 +11,11 @@ elsewhere they are skipped with the reason (conftest.require).
 
 import os
 import sys
-import time
 
 import pytest
 import torch
 from conftest import require
-from test_rl_system import _cfg, held_leases, requeued
+from test_rl_system import _cfg, kill_busiest_then_finish
 
 import rl
 from bench.toy import toy_checkpoint
@@ -78,21 +77,7 @@ def test_killed_worker_actor_group_requeued_at_once_and_trained_once(ray_cluster
     cfg = _cfg(ckpt, tmp_path / "run", mode="async", max_staleness=2, max_steps=4, max_new_tokens=24,
                lease_timeout_s=30.0, backend="ray")
     ctl = Controller(cfg, quiet=True)
-    ctl.start()
-    try:
-        ctl.train_one()  # the actors are up and generating
-        wid, held = held_leases(ctl)
-        t = time.time()
-        ctl.kill_worker(wid)
-        while not requeued(ctl, held):
-            assert time.time() - t < 10, "the dead actor's leases were not re-queued"
-            time.sleep(0.01)
-        dt = time.time() - t
-        while ctl.step < cfg.max_steps:
-            assert ctl.train_one(deadline=time.time() + 60) is not None, "stalled after the kill"
-    finally:
-        ctl.stop()
-    print(f"leases {sorted(held)} of the killed actor re-queued after {dt:.2f}s (lease timeout 30s)")
+    _, dt = kill_busiest_then_finish(ctl, step_timeout_s=60)
     assert dt < 3.0, f"re-queued after {dt:.1f}s: the death should be seen at once, not at the lease timeout"
     trained = [g for h in ctl.history for g in h["group_ids"]]
     assert sorted(trained) == list(range(cfg.max_steps * cfg.groups_per_step)), trained

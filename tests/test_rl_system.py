@@ -190,13 +190,9 @@ def requeued(ctl, held: dict) -> bool:
         return all(g not in b.leases or b.leases[g].attempt != a for g, a in held.items())
 
 
-@pytest.mark.slow
-def test_sigkill_worker_mid_group_requeued_at_once_every_group_trained_once(ckpt, tmp_path):
-    """A dead worker's leases come back as soon as its exit is seen (a control-loop turn), not after
-    --lease-timeout-s (30 s here: FIFO mode would stall that long), and nothing is lost or trained twice."""
-    cfg = _cfg(ckpt, tmp_path / "run", mode="async", max_staleness=2, max_steps=5, max_new_tokens=24,
-               lease_timeout_s=30.0, worker_groups=1)
-    ctl = Controller(cfg, quiet=True)
+def kill_busiest_then_finish(ctl, step_timeout_s: float) -> tuple[int, float]:
+    """Start the run, kill the worker holding the most leases once one does, wait until its leases are re-queued
+    (at most 10 s), train to max_steps, stop. Returns (killed wid, seconds until its leases were re-queued)."""
     ctl.start()
     try:
         ctl.train_one()  # workers are up and generating
@@ -207,11 +203,22 @@ def test_sigkill_worker_mid_group_requeued_at_once_every_group_trained_once(ckpt
             assert time.time() - t < 10, "the dead worker's leases were not re-queued"
             time.sleep(0.005)
         dt = time.time() - t
-        while ctl.step < cfg.max_steps:
-            assert ctl.train_one(deadline=time.time() + 40) is not None, "stalled after the kill"
+        while ctl.step < ctl.cfg.max_steps:
+            assert ctl.train_one(deadline=time.time() + step_timeout_s) is not None, "stalled after the kill"
     finally:
         ctl.stop()
     print(f"leases {sorted(held)} of the killed worker re-queued after {dt:.3f}s (lease timeout 30s)")
+    return killed, dt
+
+
+@pytest.mark.slow
+def test_sigkill_worker_mid_group_requeued_at_once_every_group_trained_once(ckpt, tmp_path):
+    """A dead worker's leases come back as soon as its exit is seen (a control-loop turn), not after
+    --lease-timeout-s (30 s here: FIFO mode would stall that long), and nothing is lost or trained twice."""
+    cfg = _cfg(ckpt, tmp_path / "run", mode="async", max_staleness=2, max_steps=5, max_new_tokens=24,
+               lease_timeout_s=30.0, worker_groups=1)
+    ctl = Controller(cfg, quiet=True)
+    killed, dt = kill_busiest_then_finish(ctl, step_timeout_s=40)
     assert dt < 2.0, f"re-queued after {dt:.1f}s: the death should be seen at once, not at the lease timeout"
     trained = [g for h in ctl.history for g in h["group_ids"]]
     assert sorted(trained) == list(range(cfg.max_steps * cfg.groups_per_step)), trained
