@@ -285,6 +285,13 @@ def _fmt(x, d=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{d}f}"
 
 
+def _load_span(loads: dict) -> tuple[float, float]:
+    """(1-min load average before the first stage, the highest before or after any stage) of {stage: loads}.
+    The first is other jobs' load; the later ones include the stages' own processes."""
+    seen = [x[k] for x in loads.values() for k in ("load_before", "load_after") if x.get(k) is not None]
+    return (seen[0], max(seen)) if seen else (math.nan, math.nan)
+
+
 def _sign(gain: dict) -> str:
     """Where a gain's 95% interval lies: what the report and README may claim of it."""
     return "above zero" if gain["low"] > 0 else "below zero" if gain["high"] < 0 else "not distinguishable from zero"
@@ -358,14 +365,14 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
     ]
     e = res["eval"]
     h = rj["host"]
-    load = [x.get("load_after") for x in loads.values() if x.get("load_after") is not None]
-    start = next(iter(loads.values()), {}).get("load_before", math.nan)
+    start, peak = _load_span(loads)
     lines = [f"# nanoGLM5 speedrun report ({a.preset}, {a.device}{', quick' if a.quick else ''})", "",
              f"Written by `python -m nanoglm5.speedrun` into `{os.path.relpath(out)}` on {rj['written']}, on {h['cpu']} "
              f"({h['cores']} cores{', ' + h['gpu'] if h['gpu'] else ''}); load average {start:.1f} when the first stage "
-             f"started, then up to {max(load, default=math.nan):.1f} with the stages' own processes. Code pass@1: "
+             f"started, then up to {peak:.1f} with the stages' own processes. Code pass@1: "
              f"{e['tasks']} held-out tasks of the RL code environment (unseen constants; {e.get('distinct_prompts', '?')} "
-             "distinct prompts: tasks are drawn from the held-out distribution, where one-constant templates recur), greedy and the mean of {e['draws']} seeded draws "
+             "distinct prompts: tasks are drawn from the held-out distribution, where one-constant templates recur), "
+             f"greedy and the mean of {e['draws']} seeded draws "
              f"at temperature 1, with 95% intervals over tasks; {res['judged']['line']}.",
              "", "| stage | what it achieved | wall time (CPU time) |", "|---|---|---|"]
     cpu = rj["stages_cpu_seconds"]
@@ -413,8 +420,7 @@ TARGET_S = 20 * 60  # the student's run: README's promise on a 2-core CPU
 def readme_results(r: dict) -> str:
     """README's "Results of the main job" section, every figure read from a run's results.json."""
     h, st, cpu, p, v = r["host"], r["stages"], r.get("stages_cpu_seconds", {}), r["pass1"], r["val_loss"]
-    loads = [x[k] for x in h.get("load_average", {}).values() for k in ("load_before", "load_after") if k in x]
-    start = loads[0] if loads else 0.0  # before the first stage: other jobs' load; later figures include our own
+    start, peak = _load_span(h.get("load_average", {}))
     acc = lambda m: f"code pass@1 greedy {_fmt(p[m]['greedy'])}, sampled {_ci(p[m], 'sampled')}"  # noqa: E731
     g = r["rl_gain"]
     sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
@@ -440,9 +446,9 @@ def readme_results(r: dict) -> str:
              f"{r['written']}); the report with its plots and confidence intervals is "
              "[docs/results.md](docs/results.md). "
              + (f"The machine was quiet when the run started (load average {start:.1f}); the load after that was "
-                f"the stages' own (up to {max(loads):.0f} while RL's workers and sandboxed programs ran)."
+                f"the stages' own (up to {peak:.0f} while RL's workers and sandboxed programs ran)."
                 if start <= h["cores"] else f"That run shared its {h['cores']} cores with other jobs (load average "
-                f"{start:.0f} when it started, up to {max(loads):.0f}), so its wall times are an upper bound.")
+                f"{start:.0f} when it started, up to {peak:.0f}), so its wall times are an upper bound.")
              + " CPU seconds (all processes of the stage) in brackets.", "",
              "| stage | what it achieved | wall time (CPU) |", "|---|---|---|"]
     lines += [f"| {k} | {what.get(k, '')} | {s:.0f} s" + (f" ({cpu[k]:.0f} s)" if k in cpu else "") + " |"

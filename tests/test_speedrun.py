@@ -3,6 +3,7 @@ skips finished stages, a broken earlier stage is named with what to delete, and 
 stage when the code judge cannot run."""
 
 import json
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -21,6 +22,7 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--quick", "--threads", "1", "--out-dir", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
+    assert not re.search(r"\{\w+\[", report), "a placeholder was left unformatted"
     for stage in ("data", "pretrain", "SFT trunk", "SFT with INT4 QAT", "PTQ vs QAT", "RL, sync", "RL, async",
                   "int4 conversion"):
         assert f"| {stage} |" in report
