@@ -292,6 +292,17 @@ def _load_span(loads: dict) -> tuple[float, float]:
     return (seen[0], max(seen)) if seen else (math.nan, math.nan)
 
 
+def _machine_line(loads: dict, cores: int) -> str:
+    """Whether the run had the machine to itself, as far as the 1-minute load average before its first stage
+    tells (after that the load is the stages' own)."""
+    start, peak = _load_span(loads)
+    if start <= cores:
+        return (f"The machine was quiet when the run started (load average {start:.1f}); the load after that was "
+                f"the stages' own (up to {peak:.0f} while RL's workers and sandboxed programs ran).")
+    return (f"That run shared its {cores} cores with other jobs (load average {start:.0f} when it started, up to "
+            f"{peak:.0f}), so its wall times are an upper bound.")
+
+
 def _sign(gain: dict) -> str:
     """Where a gain's 95% interval lies: what the report and README may claim of it."""
     return "above zero" if gain["low"] > 0 else "below zero" if gain["high"] < 0 else "not distinguishable from zero"
@@ -365,11 +376,10 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
     ]
     e = res["eval"]
     h = rj["host"]
-    start, peak = _load_span(loads)
     lines = [f"# nanoGLM5 speedrun report ({a.preset}, {a.device}{', quick' if a.quick else ''})", "",
              f"Written by `python -m nanoglm5.speedrun` into `{os.path.relpath(out)}` on {rj['written']}, on {h['cpu']} "
-             f"({h['cores']} cores{', ' + h['gpu'] if h['gpu'] else ''}); load average {start:.1f} when the first stage "
-             f"started, then up to {peak:.1f} with the stages' own processes. Code pass@1: "
+             f"({h['cores']} cores{', ' + h['gpu'] if h['gpu'] else ''}). {_machine_line(loads, h['cores'])} "
+             "Code pass@1: "
              f"{e['tasks']} held-out tasks of the RL code environment (unseen constants; {e.get('distinct_prompts', '?')} "
              "distinct prompts: tasks are drawn from the held-out distribution, where one-constant templates recur), "
              f"greedy and the mean of {e['draws']} seeded draws "
@@ -380,8 +390,9 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
         c = f" ({sum(cpu[k] for k in keys):.0f}s)" if all(k in cpu for k in keys) else ""
         lines.append(f"| {name} | {text} | {sum(secs.get(k, 0.0) for k in keys):.0f}s{c} |")
     lines += ["", f"Total: {sum(secs.values()):.0f}s ({sum(secs.values()) / 60:.1f} min) of wall time, "
-              f"{sum(cpu.values()):.0f}s of CPU time (all processes of the stages, sandboxed programs included; on "
-              "a busy machine the wall time grows with the other load, the CPU time much less).", ""]
+              f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but not the programs the judge runs in "
+              "bubblewrap: their CPU time is not reported back to the stage, so RL's and the evaluation's figures are "
+              "low; on a busy machine the wall time grows with the other load, the CPU time much less).", ""]
     us, ua = util("sync"), util("async")
     if us and ua:
         ratio = tps("async") / max(tps("sync"), 1e-9)
@@ -420,7 +431,6 @@ TARGET_S = 20 * 60  # the student's run: README's promise on a 2-core CPU
 def readme_results(r: dict) -> str:
     """README's "Results of the main job" section, every figure read from a run's results.json."""
     h, st, cpu, p, v = r["host"], r["stages"], r.get("stages_cpu_seconds", {}), r["pass1"], r["val_loss"]
-    start, peak = _load_span(h.get("load_average", {}))
     acc = lambda m: f"code pass@1 greedy {_fmt(p[m]['greedy'])}, sampled {_ci(p[m], 'sampled')}"  # noqa: E731
     g = r["rl_gain"]
     sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
@@ -445,11 +455,9 @@ def readme_results(r: dict) -> str:
              f"{h['cpu']}, {h['cores']} cores, torch {h['torch']}, {threads} torch thread{'s' * (threads != 1)}, "
              f"{r['written']}); the report with its plots and confidence intervals is "
              "[docs/results.md](docs/results.md). "
-             + (f"The machine was quiet when the run started (load average {start:.1f}); the load after that was "
-                f"the stages' own (up to {peak:.0f} while RL's workers and sandboxed programs ran)."
-                if start <= h["cores"] else f"That run shared its {h['cores']} cores with other jobs (load average "
-                f"{start:.0f} when it started, up to {peak:.0f}), so its wall times are an upper bound.")
-             + " CPU seconds (all processes of the stage) in brackets.", "",
+             + _machine_line(h.get("load_average", {}), h["cores"])
+             + " CPU seconds of the stage's processes in brackets (without the programs the judge runs in "
+             "bubblewrap, whose CPU time is not reported back: RL's figures are low).", "",
              "| stage | what it achieved | wall time (CPU) |", "|---|---|---|"]
     lines += [f"| {k} | {what.get(k, '')} | {s:.0f} s" + (f" ({cpu[k]:.0f} s)" if k in cpu else "") + " |"
               for k, s in st.items()]
@@ -460,11 +468,14 @@ def readme_results(r: dict) -> str:
               f"(unseen constants; {r['eval'].get('distinct_prompts', '?')} distinct prompts, as templates with one "
               "constant recur), greedy and sampled "
               f"({r['eval']['draws']} seeded draws per task, 95% interval), {r['judged']['line']}. In this run SFT "
-              f"kept pretraining (val loss {_fmt(v['pretrain'])} → {_fmt(v['after_sft'])}), the int4 model "
+              + ("kept" if v["after_sft"] - v["pretrain"] <= 0.3 else "did not keep")
+              + f" pretraining (val loss {_fmt(v['pretrain'])} → {_fmt(v['after_sft'])}; 0.3 nats allowed), the int4 model "
               + ("is the model RL trained, bit for bit" if r["int4"]["bit_identical_logits"] else
                  "differs from the model RL trained")
-              + f", and RL's sampled gain over SFT was {sig('rl_sync')} for sync and {sig('rl_async')} for async "
-              "(paired intervals in docs/results.md; docs/LOG.md compares this run with earlier ones).", "", README_END]
+              + ", and RL's sampled gain over SFT was "
+              + (f"{sig('rl_sync')} for both sync and async " if sig("rl_sync") == sig("rl_async") else
+                 f"{sig('rl_sync')} for sync and {sig('rl_async')} for async ")
+              + "(paired intervals in docs/results.md; docs/LOG.md compares this run with earlier ones).", "", README_END]
     return "\n".join(lines)
 
 

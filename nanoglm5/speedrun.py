@@ -63,7 +63,7 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(data=[], pretrain=["--max-steps", "400"], sft=[], sft_steps=600, sft_branch=100,
+    "full": Budget(data=[], pretrain=["--max-steps", "400"], sft=[], sft_steps=600, sft_branch=60,
                    rl=["--max-steps", "20"], rl_seconds=900, eval_tasks=128, eval_samples=8),
     "quick": Budget(data=["--budget-mb", "0.3", "--max-docs", "150", "--vocab-size", "600"],
                     pretrain=["--max-steps", "12", "--dense-steps", "6", "--dsa-warmup-steps", "2", "--batch-size", "4",
@@ -190,8 +190,9 @@ def run_stage(name: str, argv: list[str], what: str, out: Path, log: dict) -> fl
         check_data(d, out)
     else:
         check_ckpt(d if name == "int4" else d / "ckpt", what, name, out)
-    # CPU seconds of the stage's processes (workers and sandboxed programs included): on a busy machine the
-    # wall time grows with the other load, the CPU time much less, so the report gives both
+    # CPU seconds of the stage's processes, workers included but not the programs the judge runs in bubblewrap (their
+    # usage does not reach RUSAGE_CHILDREN through the sandbox's PID namespace): on a busy machine the wall time grows
+    # with the other load, the CPU time much less, so the report gives both
     log[name] = {"load_before": load0, "load_after": os.getloadavg()[0], "cpu_s": _child_cpu() - cpu0}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"seconds": secs, "argv": argv[1:], **log[name]}, indent=2))

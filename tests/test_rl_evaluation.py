@@ -17,12 +17,19 @@ from nanoglm5.rl.evaluation import (
 
 
 def test_mean_ci_and_paired_gain():
+    m, lo, hi = mean_ci([0.25, 0.75] * 50)
+    assert m == 0.5 and lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.std([0.25, 0.75] * 50, ddof=1) / 10)
+    # 0/1 results: Wilson, which keeps a width when every task passes (the normal interval would be [1, 1])
+    m, lo, hi = mean_ci([1.0] * 128)
+    assert m == 1.0 and lo == pytest.approx(128 / (128 + 1.96**2)) and hi == pytest.approx(1.0)
     m, lo, hi = mean_ci([0.0, 1.0] * 50)
-    assert m == 0.5 and lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.std([0, 1] * 50, ddof=1) / 10)
+    assert m == 0.5 and lo == pytest.approx(0.5 - 0.0965, abs=1e-3) and hi == pytest.approx(0.5 + 0.0965, abs=1e-3)
     before = {"per_task": {"sampled": [0.2, 0.5, 0.9, 0.4]}}
     after = {"per_task": {"sampled": [0.3, 0.6, 1.0, 0.5]}}
     g, lo, hi = gain(before, after)
     assert g == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # paired: no spread
+    flat = {"per_task": {"acc": [1.0] * 8}}  # differences of 0/1 results are not a pass rate: normal, not Wilson
+    assert gain(flat, flat, "acc") == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same tasks"):
         gain(before, {"per_task": {"sampled": [0.1]}})
 

@@ -102,3 +102,12 @@ def test_readme_results_are_those_of_docs_results_json():
     text = (ROOT / "README.md").read_text()
     block = text[text.index(README_BEGIN):text.index(README_END) + len(README_END)]
     assert block == readme_results(json.loads((ROOT / "docs" / "results.json").read_text()))
+
+
+def test_the_report_calls_a_run_quiet_only_when_the_load_before_it_was_under_the_core_count():
+    from nanoglm5.report import _machine_line
+
+    loads = {"a": {"load_before": 3.7, "load_after": 2.0}, "b": {"load_before": 2.0, "load_after": 15.0}}
+    assert "shared its 2 cores with other jobs (load average 4 when it started, up to 15)" in _machine_line(loads, 2)
+    loads["a"]["load_before"] = 0.5
+    assert "quiet when the run started (load average 0.5)" in _machine_line(loads, 2)

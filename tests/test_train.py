@@ -116,6 +116,25 @@ def test_sft_data_mix():
     assert all(any(m["role"] == "assistant" for m in c["messages"]) for c in convs)
 
 
+def test_sft_weights_the_two_constant_code_template_and_leaves_rl_and_eval_uniform():
+    """SFT shows "N times x plus M" CODE_TWO_CONSTANT_WEIGHT times as often as each other template; the RL and
+    held-out draws are those of the unweighted generator, task for task."""
+    import re
+
+    from nanoglm5.data.sft import CODE_TWO_CONSTANT_WEIGHT, task_chats
+    from nanoglm5.data.tasks import code_tasks
+    from nanoglm5.rl.envs import make_env
+
+    two = lambda text: bool(re.search(r"returns \d+ times x plus \d+", text))
+    share = lambda texts: sum(map(two, texts)) / len(texts)
+    sft = [c["messages"][1]["content"] for c in task_chats(3000, 0, seed=1337)]
+    uniform = [t.messages[-1]["content"] for t in code_tasks(3000, 1337, "sft")]
+    # the split keeps a template's share only roughly (its specs hash into "sft" at their own rate)
+    assert share(uniform) < 0.15 and abs(share(sft) - CODE_TWO_CONSTANT_WEIGHT / (CODE_TWO_CONSTANT_WEIGHT + 10)) < 0.08
+    for split in ("train", "eval"):
+        assert share([t.messages[-1]["content"] for t in make_env("code").make_tasks(3000, seed=1337, split=split)]) < 0.15
+
+
 def test_sft_tasks_disjoint_from_rl_tasks():
     """SFT shows the "sft" split only: no RL train or held-out eval prompt appears in it (docs/LOG.md)."""
     import json

@@ -233,12 +233,13 @@ def math_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
     return tasks
 
 
-def _code_template(r: random.Random) -> tuple[str, str, str, list[tuple]]:
+def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[str, str, str, list[tuple]]:
     """(spec, signature, reference body, test argument tuples) for one random template.
 
     Every template carries a constant drawn from a wide range, and the split is a hash of the whole
     spec: held-out tasks are seen templates with unseen constants, so solving them takes reading the
-    number from the prompt and copying it, not recalling a memorised answer."""
+    number from the prompt and copying it, not recalling a memorised answer. The first template is the
+    only one with two constants; `two_constant_weight` draws it that many times as often as each other."""
     a, b, k = r.randint(2, 19), r.randint(1, 29), r.randint(2, 19)
     ints = [(x,) for x in r.sample(range(-20, 21), 5)]
     lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(5)]
@@ -257,15 +258,18 @@ def _code_template(r: random.Random) -> tuple[str, str, str, list[tuple]]:
         (f"returns the string s repeated {k} times", "f(s)", f"s * {k}", words),
         (f"returns the length of the string s plus {b}", "f(s)", f"len(s) + {b}", words),
     ]
-    return r.choice(choices)
+    if two_constant_weight == 1.0:
+        return r.choice(choices)
+    return r.choices(choices, weights=[two_constant_weight] + [1.0] * (len(choices) - 1))[0]
 
 
-def code_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
-    """n code tasks of `split`; meta holds the signature and the hidden tests [[args, expected repr]]."""
+def code_tasks(n: int, seed: int, split: str = "train", two_constant_weight: float = 1.0) -> list[Task]:
+    """n code tasks of `split`; meta holds the signature and the hidden tests [[args, expected repr]].
+    RL and the evaluation draw the templates uniformly; SFT weights the two-constant one (data/sft.py)."""
     _check_split(split)
     r, tasks = random.Random(f"rl-code:{seed}"), []
     while len(tasks) < n:
-        spec, sig, body, args = _code_template(r)
+        spec, sig, body, args = _code_template(r, two_constant_weight)
         # the expected outputs come from our own reference body: trusted code, evaluated here
         tests = [[list(a), repr(eval(f"lambda {sig[2:-1]}: {body}")(*a))] for a in args]
         if task_split(f"{spec}|{sig}") != split:

@@ -80,8 +80,8 @@ def evaluate(model, tokenizer, tasks, cfg: RLConfig, batch_groups: int = 16, sam
     return out
 
 
-def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
-    """(mean, low, high): the normal 95% interval of the mean over tasks (per-task values in [0, 1])."""
+def normal_ci(x, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the normal 95% interval of the mean of x."""
     x = np.asarray(x, dtype=np.float64)
     if len(x) == 0:
         return math.nan, math.nan, math.nan
@@ -90,12 +90,26 @@ def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% interval of a pass rate over tasks (per-task values in [0, 1]). Per-task 0/1
+    results (greedy pass@1) get the Wilson score interval: the normal one has zero width when every task passes
+    (or none does), and 128 passes out of 128 do not make the pass rate exactly 1. Other values (the mean of a
+    task's draws) get the normal interval."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0 or not np.isin(x, (0.0, 1.0)).all():
+        return normal_ci(x, z)
+    n, m = len(x), float(x.mean())
+    centre = (m + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n))
+    return m, centre - half, centre + half
+
+
 def gain(before: dict, after: dict, key: str = "sampled") -> tuple[float, float, float]:
     """after − before with its 95% interval, paired by task (the same tasks and the same seeded draws)."""
     b, a = before["per_task"][key], after["per_task"][key]
     if len(a) != len(b):
         raise ValueError(f"gain: {len(b)} tasks before, {len(a)} after: evaluate both on the same tasks")
-    return mean_ci(np.asarray(a) - np.asarray(b))
+    return normal_ci(np.asarray(a) - np.asarray(b))
 
 
 def judged_line(sandboxed: int, unsandboxed: int) -> str:
