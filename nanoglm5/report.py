@@ -171,8 +171,8 @@ def evaluate_all(a, b) -> dict:
     # unbiased pass rate of that distribution, with intervals over independent draws; how many differ is stated
     res["eval"] = {"tasks": len(tasks), "distinct_prompts": len({json.dumps(t.messages) for t in tasks}),
                    "draws": cfg.eval_samples, "seed": cfg.seed, "split": "eval",
-                   "ci": "95% normal interval of the mean over tasks; gains paired by task (same tasks, same "
-                         "seeded draws)", "judge_runs": {k: v.get("judge_runs") for k, v in ev.items()}}
+                   "ci": "95% interval over tasks: Wilson for greedy (0/1 per task), normal for sampled (the mean of "
+                         "a task's draws); gains normal, paired by task (same tasks, same seeded draws)", "judge_runs": {k: v.get("judge_runs") for k, v in ev.items()}}
     sandboxed = sum(v.get("judged_sandboxed", 0) for v in ev.values())
     unsandboxed = sum(v.get("judged_unsandboxed", 0) for v in ev.values())
 
@@ -303,6 +303,10 @@ def _machine_line(loads: dict, cores: int) -> str:
             f"{peak:.0f}), so its wall times are an upper bound.")
 
 
+CPU_LEAVES_OUT = ("not the programs the judge runs in bubblewrap: their CPU time is not reported back to the stage, "
+                  "so RL's and the evaluation's figures are low")
+
+
 def _sign(gain: dict) -> str:
     """Where a gain's 95% interval lies: what the report and README may claim of it."""
     return "above zero" if gain["low"] > 0 else "below zero" if gain["high"] < 0 else "not distinguishable from zero"
@@ -390,9 +394,8 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
         c = f" ({sum(cpu[k] for k in keys):.0f}s)" if all(k in cpu for k in keys) else ""
         lines.append(f"| {name} | {text} | {sum(secs.get(k, 0.0) for k in keys):.0f}s{c} |")
     lines += ["", f"Total: {sum(secs.values()):.0f}s ({sum(secs.values()) / 60:.1f} min) of wall time, "
-              f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but not the programs the judge runs in "
-              "bubblewrap: their CPU time is not reported back to the stage, so RL's and the evaluation's figures are "
-              "low; on a busy machine the wall time grows with the other load, the CPU time much less).", ""]
+              f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but {CPU_LEAVES_OUT}; on a busy machine "
+              "the wall time grows with the other load, the CPU time much less).", ""]
     us, ua = util("sync"), util("async")
     if us and ua:
         ratio = tps("async") / max(tps("sync"), 1e-9)
@@ -456,8 +459,7 @@ def readme_results(r: dict) -> str:
              f"{r['written']}); the report with its plots and confidence intervals is "
              "[docs/results.md](docs/results.md). "
              + _machine_line(h.get("load_average", {}), h["cores"])
-             + " CPU seconds of the stage's processes in brackets (without the programs the judge runs in "
-             "bubblewrap, whose CPU time is not reported back: RL's figures are low).", "",
+             + f" CPU seconds of the stage's processes in brackets ({CPU_LEAVES_OUT}).", "",
              "| stage | what it achieved | wall time (CPU) |", "|---|---|---|"]
     lines += [f"| {k} | {what.get(k, '')} | {s:.0f} s" + (f" ({cpu[k]:.0f} s)" if k in cpu else "") + " |"
               for k, s in st.items()]

@@ -117,8 +117,8 @@ def test_sft_data_mix():
 
 
 def test_sft_weights_the_two_constant_code_template_and_leaves_rl_and_eval_uniform():
-    """SFT shows "N times x plus M" CODE_TWO_CONSTANT_WEIGHT times as often as each other template; the RL and
-    held-out draws are those of the unweighted generator, task for task."""
+    """SFT shows "N times x plus M" CODE_TWO_CONSTANT_WEIGHT times as often as each other template; RL's tasks and
+    the held-out ones keep the uniform share (about 1 in 11)."""
     import re
 
     from nanoglm5.data.sft import CODE_TWO_CONSTANT_WEIGHT, task_chats

@@ -258,7 +258,7 @@ def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[
         (f"returns the string s repeated {k} times", "f(s)", f"s * {k}", words),
         (f"returns the length of the string s plus {b}", "f(s)", f"len(s) + {b}", words),
     ]
-    if two_constant_weight == 1.0:
+    if two_constant_weight == 1.0:  # r.choice: the draws RL and the held-out evaluation have always had
         return r.choice(choices)
     return r.choices(choices, weights=[two_constant_weight] + [1.0] * (len(choices) - 1))[0]
 
