@@ -103,7 +103,8 @@ def load_sources(args, rejects, cache_dir):
 
 
 def labelled(ds, domain, label_col, split):
-    sub = ds.filter(lambda d: d["domain"] == domain and d["split"] == split and d[label_col] not in (-1, ""))
+    sub = ds.filter(lambda d: d["domain"] == domain and d["split"] == split and d[label_col] not in (-1, ""),
+                    desc=f"{label_col}: {domain}/{split} examples")
     return sub["text"], sub[label_col]
 
 
@@ -284,13 +285,14 @@ def main(argv=None):
     keep_cols = ["id", "text", "source", "domain", "pred_lang", "split", "quality_score", "lang_conf", "judge_score"]
     mixture = mixture.select_columns(keep_cols).rename_column("pred_lang", "lang")
     mixture.to_parquet(str(out / "mixture.parquet"))
-    knowledge = mixture.filter(lambda d: d["domain"] == "text" and not d["source"].startswith("junk"))
+    knowledge = mixture.filter(lambda d: d["domain"] == "text" and not d["source"].startswith("junk"),
+                                desc="knowledge: world-knowledge docs")
     with open(out / "knowledge.jsonl", "w") as f:
         for row in knowledge.select_columns(["id", "text", "source", "quality_score"]).to_list():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     timer("mixture")
 
-    train_texts = mixture.filter(lambda d: d["split"] == "train")["text"]
+    train_texts = mixture.filter(lambda d: d["split"] == "train", desc="tokenizer: train split")["text"]
     tok = Tokenizer.train(train_texts, args.vocab_size)
     tok.save(out / "tokenizer.json")
     timer("tokenizer")

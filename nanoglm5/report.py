@@ -32,6 +32,7 @@ from nanoglm5.checkpoint import CheckpointError, load_hf, load_state, read_confi
 from nanoglm5.data.sft import build_conversations
 from nanoglm5.data.shards import load_tokens
 from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.progress import published
 from nanoglm5.rl.evaluation import evaluate, gain, judged_line, mean_ci, plot_reward_vs_time, plot_timeline
 from nanoglm5.rl.learner import load_policy
 from nanoglm5.rl.rl_config import RLConfig
@@ -327,11 +328,42 @@ def results_json(a, b, secs: dict, loads: dict, res: dict) -> dict:
             "rl": res["rl"], "judged": res["judged"], "eval": res["eval"],
             "seeds": {"run": a.seed, "eval": res["eval"]["seed"], "rl_runs": 1,
                       "ci": "one RL run per mode; intervals over held-out tasks (see report.md)"},
-            "host": {**host(), "load_average": {k: v for k, v in loads.items()}},
+            "host": {**host(), "matmul_gflops": getattr(a, "matmul_gflops", None),
+                     "load_average": {k: v for k, v in loads.items()}},
             "config": {"preset": a.preset, "device": a.device, "quick": a.quick, "threads": a.threads,
                        "rl_workers": a.rl_workers, "qat_layers": a.qat_layers, "group_size": a.group_size,
                        "sft_steps": b.sft_steps, "sft_branch": b.sft_branch, "allow_unsandboxed": a.allow_unsandboxed},
             "written": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def against_published(rj: dict, pub: dict) -> str:
+    """One sentence: did this run meet the 20-minute target, and do its pass@1 figures fall within the published
+    run's 95% intervals (docs/results.json)? What a student needs to tell a normal run from a broken one."""
+    total = rj["total_seconds"]
+    met = (f"This run took {total / 60:.1f} min: " + ("within" if total <= TARGET_S else "over")
+           + f" the {TARGET_S // 60}-minute target")
+    rate, ref_rate = rj["host"].get("matmul_gflops"), pub.get("host", {}).get("matmul_gflops")
+    if rate:
+        met += f" (this host multiplies fp32 matrices at {rate:.0f} GFLOP/s" + (
+            f", the published run's host at {ref_rate:.0f})" if ref_rate else "; the published run recorded no rate)")
+    same = pub and {k: pub.get("config", {}).get(k) for k in ("preset", "device", "quick")} == \
+        {k: rj["config"].get(k) for k in ("preset", "device", "quick")}
+    if not same:
+        return met + ". No published run of this budget to compare its results with."
+    out, n = [], 0
+    for stage, p in rj["pass1"].items():
+        q = pub["pass1"].get(stage, {})
+        for k in ("greedy", "sampled"):
+            lo, hi = q.get(f"{k}_ci", [math.nan, math.nan])
+            if p.get(k) is None or not math.isfinite(lo):
+                continue
+            n += 1
+            if not lo - 1e-9 <= p[k] <= hi + 1e-9:
+                out.append(f"{stage} {k} {_fmt(p[k])} (published {_fmt(q[k])} [{_fmt(lo)}, {_fmt(hi)}])")
+    tail = (f"all {n} of its pass@1 figures lie within the published run's 95% intervals" if not out else
+            f"{len(out)} of its {n} pass@1 figures lie outside the published run's 95% intervals: " + "; ".join(out)
+            + " (the intervals cover the evaluation's noise, not the run-to-run spread of training)")
+    return f"{met}; {tail}."
 
 
 def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
@@ -395,7 +427,8 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
         lines.append(f"| {name} | {text} | {sum(secs.get(k, 0.0) for k in keys):.0f}s{c} |")
     lines += ["", f"Total: {sum(secs.values()):.0f}s ({sum(secs.values()) / 60:.1f} min) of wall time, "
               f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but {CPU_LEAVES_OUT}; on a busy machine "
-              "the wall time grows with the other load, the CPU time much less).", ""]
+              "the wall time grows with the other load, the CPU time much less).", "",
+              against_published(rj, published()), ""]
     us, ua = util("sync"), util("async")
     if us and ua:
         ratio = tps("async") / max(tps("sync"), 1e-9)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoglm5 import report
+from nanoglm5.progress import JobProgress, matmul_gflops, published
 from nanoglm5.checkpoint import CheckpointError
 from nanoglm5.report import SpeedrunError, check_ckpt
 from nanoglm5.rl.sandbox import SandboxUnavailable, check_sandbox
@@ -164,13 +165,14 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_stage(name: str, argv: list[str], what: str, out: Path, log: dict) -> float:
+def run_stage(name: str, argv: list[str], what: str, out: Path, log: dict, prog: JobProgress) -> float:
     d = out / name
     done = d / "DONE.json"
     if done.exists():
-        print(f"[speedrun] {name}: done earlier ({done}), skipping")
+        print(f"[speedrun] {prog.line(name)}: done earlier ({done}), skipping")
         rec = json.loads(done.read_text())
         log[name] = {k: rec[k] for k in ("load_before", "load_after", "cpu_s") if k in rec}
+        prog.done(name, rec.get("seconds", 0.0), skipped=True)
         return rec.get("seconds", 0.0)
     inputs_of(name, out)
     if name in TRAINING and (d / "ckpt" / "config.json").exists():
@@ -178,7 +180,7 @@ def run_stage(name: str, argv: list[str], what: str, out: Path, log: dict) -> fl
         argv = _with_resume(argv, d / "ckpt")
     if name == "int4" and d.exists():
         shutil.rmtree(d)  # conversion is quick and all-or-nothing: redo it
-    print(f"[speedrun] {name}: {' '.join(argv[1:])}", flush=True)
+    print(f"[speedrun] {prog.line(name)}\n[speedrun] {name}: {' '.join(argv[1:])}", flush=True)
     t0, load0, cpu0 = time.time(), os.getloadavg()[0], _child_cpu()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rc = subprocess.call(argv, cwd=ROOT, env=env)
@@ -196,8 +198,21 @@ def run_stage(name: str, argv: list[str], what: str, out: Path, log: dict) -> fl
     log[name] = {"load_before": load0, "load_after": os.getloadavg()[0], "cpu_s": _child_cpu() - cpu0}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"seconds": secs, "argv": argv[1:], **log[name]}, indent=2))
+    prog.done(name, secs)
     print(f"[speedrun] {name}: finished in {secs:.0f}s (load average {log[name]['load_after']:.1f})")
     return secs
+
+
+def job_progress(a, names: list[str]) -> JobProgress:
+    """Measure this host's matmul rate and predict the job's time from the published run (nanoglm5/progress.py)."""
+    a.matmul_gflops = round(matmul_gflops(a.threads), 1)
+    ref = published()
+    cfg = ref.get("config", {})
+    # the published run predicts only a run of the same budget on the same kind of device
+    same = cfg.get("preset") == a.preset and cfg.get("device") == a.device and bool(cfg.get("quick")) == a.quick
+    prog = JobProgress(names, a.matmul_gflops, ref, comparable=same)
+    print(f"[speedrun] {prog.start_line(report.TARGET_S)}", flush=True)
+    return prog
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -228,12 +243,15 @@ def main(argv=None) -> int:
                                 "programs with resource limits only)") from None
         print(f"[speedrun] {a.out_dir}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; code judge "
               f"{'in bubblewrap' if sandboxed else 'WITHOUT bubblewrap (--allow-unsandboxed)'}", flush=True)
+        stages = stage_commands(a, b)
+        prog = job_progress(a, [name for name, _, _ in stages] + ["eval"])
         secs, loads = {}, {}
-        for name, cmd, what in stage_commands(a, b):
-            secs[name] = run_stage(name, cmd, what, a.out_dir, loads)
+        for name, cmd, what in stages:
+            secs[name] = run_stage(name, cmd, what, a.out_dir, loads, prog)
         child0 = _child_cpu()
         t, load0, r0 = time.time(), os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF)
-        print("[speedrun] eval: what the stages did not measure, then the report", flush=True)
+        print(f"[speedrun] {prog.line('eval')}\n[speedrun] eval: what the stages did not measure, then the report",
+              flush=True)
         res = report.evaluate_all(a, b)  # keeps its costly parts in out/eval/, so a re-run only rewrites the report
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         done = a.out_dir / "eval" / "DONE.json"

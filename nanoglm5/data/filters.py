@@ -356,9 +356,10 @@ def _report(name: str, ds, drop: list[tuple[int, str, str]], seconds: float, ext
             "docs_per_s": round(len(ds) / max(seconds, 1e-9), 1), **(extra or {})}
 
 
-def _keep(ds, drop, num_proc):
+def _keep(ds, drop, num_proc, what: str = "filter"):
     dropped = {i for i, _, _ in drop}
-    return ds.filter(lambda _, i: i not in dropped, with_indices=True, num_proc=_np(ds, num_proc))
+    return ds.filter(lambda _, i: i not in dropped, with_indices=True, num_proc=_np(ds, num_proc),
+                     desc=f"{what}: dropping {len(dropped)} docs")
 
 
 def _np(ds, num_proc: int) -> int | None:
@@ -378,7 +379,7 @@ def exact_dedup(ds, num_proc: int = 1):
             first[k] = id_
     report = _report("exact_dedup", ds, drop, time.perf_counter() - t)
     pairs = {ds[i]["id"]: rep for i, _, rep in drop}
-    return _keep(ds, drop, num_proc), report, pairs
+    return _keep(ds, drop, num_proc, "exact dedup"), report, pairs
 
 
 def near_dedup(ds, lsh: MinHashLSH, num_proc: int = 1):
@@ -392,7 +393,7 @@ def near_dedup(ds, lsh: MinHashLSH, num_proc: int = 1):
     report = _report("near_dedup", ds, drop, time.perf_counter() - t,
                      {"bands": lsh.bands, "rows": lsh.rows, "threshold": lsh.threshold})
     pairs = {ids[i]: ids[j] for i, (j, _) in matches}
-    return _keep(ds.remove_columns("minhash"), drop, num_proc), report, pairs
+    return _keep(ds.remove_columns("minhash"), drop, num_proc, "near dedup"), report, pairs
 
 
 def score_column(ds, name: str, fn, num_proc: int = 1, desc: str = ""):
@@ -407,7 +408,8 @@ def quality_filter(ds, clf: QualityClassifier, threshold: float = 0.5, num_proc:
     ds = score_column(ds, "quality_score", clf.score, num_proc, "quality: scoring")
     drop = [(i, "low_quality", f"score {s:.3f}") for i, (s, d) in enumerate(zip(ds["quality_score"], ds["domain"]))
             if d == "text" and s < threshold]
-    return _keep(ds, drop, num_proc), _report("quality", ds, drop, time.perf_counter() - t, {"threshold": threshold}), ds
+    report = _report("quality", ds, drop, time.perf_counter() - t, {"threshold": threshold})
+    return _keep(ds, drop, num_proc, "quality"), report, ds
 
 
 def language_filter(ds, clf: LanguageClassifier, min_conf: float = 0.5, num_proc: int = 1):
@@ -428,7 +430,7 @@ def language_filter(ds, clf: LanguageClassifier, min_conf: float = 0.5, num_proc
     mix = Counter(lang for lang, d in zip(ds["pred_lang"], ds["domain"]) if d == "code")
     report = _report("language", ds, drop, time.perf_counter() - t,
                      {"min_conf": min_conf, "language_mix": dict(sorted(mix.items()))})
-    return _keep(ds, drop, num_proc), report, ds
+    return _keep(ds, drop, num_proc, "language ID"), report, ds
 
 
 def math_filter(ds, judge: MathJudge, keep_frac: float = 0.75, num_proc: int = 1):
@@ -446,7 +448,8 @@ def math_filter(ds, judge: MathJudge, keep_frac: float = 0.75, num_proc: int = 1
     ranked = sorted(math_rows, key=lambda i: (-scores[i], i))
     cut = ranked[int(math.ceil(keep_frac * len(ranked))):]
     drop = sorted((i, "below_top_fraction", f"score {scores[i]:.3f}") for i in cut)
-    return _keep(ds, drop, num_proc), _report("math_judge", ds, drop, time.perf_counter() - t, {"keep_frac": keep_frac}), ds
+    report = _report("math_judge", ds, drop, time.perf_counter() - t, {"keep_frac": keep_frac})
+    return _keep(ds, drop, num_proc, "math judge"), report, ds
 
 
 # ---------------------------------------------------------------------------------------------------

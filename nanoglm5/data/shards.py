@@ -28,7 +28,7 @@ def write_shards(ds, tok, out: Path, seed: int) -> tuple[dict, dict]:
     (out / "tokens").mkdir(parents=True, exist_ok=True)
     counts, per_domain = {}, Counter()
     for split in ("train", "val"):
-        sub = ds.filter(lambda d, split=split: d["split"] == split)
+        sub = ds.filter(lambda d, split=split: d["split"] == split, desc=f"shards: selecting {split}")
         arr, texts, domains = [], sub["text"], sub["domain"]
         for i in tqdm(range(0, len(texts), ENCODE_BATCH), desc=f"encoding {split}"):
             batch = slice(i, i + ENCODE_BATCH)

@@ -73,6 +73,14 @@ class _Worker:
     reserved_for: int | None = None  # a suspect group waits for this worker to drain, then runs alone on it
 
 
+def _budget_left(t_start: float, c, first_step: int, step: int) -> str:
+    """The time budget's state for the bar: seconds left, and whether it, not max_steps, will end the run."""
+    used = time.time() - t_start
+    pace = used / max(step - first_step, 1)
+    binds = used + pace * (c.max_steps - step) > c.time_budget_s
+    return f"{max(c.time_budget_s - used, 0):.0f}s left" + (" (ends the run)" if binds else "")
+
+
 class Controller:
     def __init__(self, cfg: RLConfig, quiet: bool = False):
         self.cfg = cfg = cfg.resolved()
@@ -444,19 +452,19 @@ class Controller:
         self.start()
         t_start, budget = time.time(), c.time_budget_s > 0
         deadline = t_start + c.time_budget_s if budget else float("inf")
-        # the bar counts what binds: seconds toward --time-budget-s (steps in the postfix), else steps
-        bar = tqdm(total=math.ceil(c.time_budget_s) if budget else c.max_steps, initial=0 if budget else self.step,
-                   unit="step", desc=f"rl {c.mode}", disable=self.quiet or not c.progress, dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s budget [{elapsed}<{remaining}{postfix}]"
-                   if budget else None)
+        # the bar counts steps, the work that binds on the reference host; the time budget is a safety cap, shown in
+        # the postfix, and says so when it is the one that will end the run
+        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc=f"rl {c.mode}",
+                   disable=self.quiet or not c.progress, dynamic_ncols=True)
+        step0 = self.step
         try:
             while self.step < c.max_steps:
                 rec = self.train_one(deadline)
                 if rec is None:
                     self.log(f"[rl] time budget of {c.time_budget_s:g}s reached at step {self.step}")
                     break
-                bar.update((min(int(time.time() - t_start), bar.total) if budget else rec["step"]) - bar.n)
-                bar.set_postfix(**({"step": f"{self.step}/{c.max_steps}"} if budget else {}),
+                bar.update(rec["step"] - bar.n)
+                bar.set_postfix(**({"budget": _budget_left(t_start, c, step0, rec["step"])} if budget else {}),
                                 reward=f"{rec['reward']:.3f}", v=rec["version"], stale=max(rec["staleness"], default=0),
                                 wait=f"{rec['wait_s']:.1f}s")
                 if self.step % c.log_every == 0:
