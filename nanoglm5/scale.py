@@ -128,9 +128,15 @@ def dsa_cost(cfg: ModelConfig, context: int) -> dict:
     N, k = context, min(context, cfg.index_topk)
     main, idx = attention_flops(cfg, k, "absorbed"), attention_flops(cfg, N, "indexer")
     dense_mha, dense_abs = attention_flops(cfg, N, "dense"), attention_flops(cfg, N, "absorbed")
+    # bytes of cache a decode step reads per layer: dense MLA reads every latent + rope key; DSA's indexer reads every
+    # indexer key (its O(N) scan), then the main attention only the k selected latents (arXiv 2602.15763 §2.1)
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    read_dense, read_dsa = N * latent, N * cfg.index_head_dim + k * latent
     return dict(dsa_main=main, dsa_indexer=idx, dsa=main + idx, dense_mha=dense_mha, dense_absorbed=dense_abs,
                 ratio_prefill=(main + idx) / dense_mha, ratio_decode=(main + idx) / dense_abs,
-                train_ratio=train_flops_per_token(cfg, N, True)["attention"] / train_flops_per_token(cfg, N, False)["attention"])
+                train_ratio=train_flops_per_token(cfg, N, True)["attention"] / train_flops_per_token(cfg, N, False)["attention"],
+                kv_read_values_dense=read_dense, kv_read_values_dsa=read_dsa, kv_read_ratio=read_dsa / read_dense,
+                kv_stored_ratio=(latent + cfg.index_head_dim) / latent)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -310,6 +316,9 @@ def format_report(name: str, r: dict, lay: Layout | None = None) -> str:
         f"  prefill/training: dense MHA {_n(d['dense_mha'])} → DSA/dense = {d['ratio_prefill']:.3f}",
         f"  decode:           dense absorbed {_n(d['dense_absorbed'])} → DSA/dense = {d['ratio_decode']:.3f}",
         f"  whole training sequence (causal mean): DSA/dense attention FLOPs = {d['train_ratio']:.3f}",
+        f"  decode KV bytes read per layer: dense {d['kv_read_values_dense']:,} values, DSA {d['kv_read_values_dsa']:,}"
+        f" (indexer keys of all N + k latents) → DSA/dense = {d['kv_read_ratio']:.3f};"
+        f" KV bytes stored DSA/dense = {d['kv_stored_ratio']:.3f} (the indexer key is cached too)",
         "== memory ==",
         "  weights (no MTP): " + ", ".join(f"{k} {_b(v)}" for k, v in r["weights"].items())
         + "   (int4: routed experts only, bf16 group scales)",

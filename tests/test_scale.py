@@ -102,3 +102,15 @@ def test_report_and_cli(capsys):
     assert "== analytic" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         scale.main(["glm5_744b", "--ep", "3"])
+
+
+def test_dsa_decode_reads_fewer_kv_bytes_but_stores_more():
+    cfg = ModelConfig.preset("glm5_744b")
+    d = scale.dsa_cost(cfg, 200_000)
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # 512 + 64: what dense MLA decode reads for every cached token
+    assert d["kv_read_values_dense"] == 200_000 * 576
+    assert d["kv_read_values_dsa"] == 200_000 * 128 + 2048 * 576  # indexer keys of all tokens + top-2048 latents
+    assert d["kv_read_ratio"] == pytest.approx((128 + 2048 * 576 / 200_000) / 576)
+    assert d["kv_stored_ratio"] == pytest.approx((latent + 128) / latent) and d["kv_stored_ratio"] > 1
+    short = scale.dsa_cost(cfg, 1024)  # below k every key is selected: DSA reads more than dense
+    assert short["kv_read_ratio"] > 1
