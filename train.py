@@ -3,6 +3,8 @@
     python data/prepare.py                                   # token shards + tokenizer into data/
     python train.py                                          # pretrain the tiny preset (~5 min, 2 cores)
     python train.py --stage sft --init-from out/pretrain/ckpt  # chat SFT, loss on assistant tokens
+    python train.py --stage long_context --init-from out/pretrain/ckpt   # context extension: 2048 tokens,
+                                                             # RoPE base raised 100x (GLM-4.5 §2.4), DSA on
     python train.py --resume                                 # continue out/pretrain/ckpt exactly
     python train.py --preset mini --index-topk 64 --optimizer muon
     torchrun --nproc_per_node 2 train.py --device cpu        # DDP (gloo on CPU, nccl on GPU); --fsdp for FSDP2

@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     print(f"\n[speedrun] all stages done in {time.time() - t0:.0f}s this run ({sum(secs.values()):.0f}s of stage time "
           f"in all); report: {path}")
     print(f"[speedrun] serve the result:  python serve.py --checkpoint {a.out_dir / 'int4'}")
+    print(f"[speedrun] extend the context (GLM-5's mid-training stage; not part of the 20 minutes):  python train.py "
+          f"--stage long_context --init-from {a.out_dir / 'pretrain' / 'ckpt'} --data-dir {a.out_dir / 'data'}")
     return 0
 
 

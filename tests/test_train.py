@@ -590,3 +590,32 @@ def test_pretrain_then_sft_cli(text_data_dir, tmp_path):
     assert hist[-1]["stage"] == "sparse" and np.isfinite(hist[-1]["val_loss"])
     no_init = run_cli([*common, "--stage", "sft", "--out-dir", str(tmp_path / "x")])
     assert no_init.returncode == 1 and "--init-from" in no_init.stderr
+
+
+def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exactly(data_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from nanoglm5.checkpoint import read_config
+    from nanoglm5.training.train_config import LONG_CONTEXT_ROPE_FACTOR
+
+    Trainer(cfg(data_dir, tmp_path / "pre", max_steps=4), quiet=True).run()
+    pre = tmp_path / "pre" / "ckpt"
+    with pytest.raises(TrainError, match="--stage long_context starts from a pretrained model"):
+        Trainer(TrainConfig(stage="long_context", data_dir=str(data_dir), out_dir=str(tmp_path / "x")), quiet=True)
+    lc = lambda out, **kw: TrainConfig(**{**dict(  # noqa: E731
+        stage="long_context", data_dir=str(data_dir), out_dir=str(out), init_from=str(pre), seq_len=192,
+        batch_size=2, micro_batch_size=1, max_steps=4, eval_every=0, save_every=0, eval_seqs=2, warmup_steps=1,
+        sample_tokens=0, log_every=1), **kw})
+    full = Trainer(lc(tmp_path / "full"), quiet=True)
+    assert [full.stage_at(s) for s in range(4)] == ["sparse"] * 4  # DSA on from the first step, fixed top-k
+    full.run()
+    base, ext = read_config(pre), read_config(tmp_path / "full" / "ckpt")
+    assert ext.rope_theta == base.rope_theta * LONG_CONTEXT_ROPE_FACTOR and ext.max_position_embeddings == 192
+    hf = AutoConfig.from_pretrained(tmp_path / "full" / "ckpt")  # the raised base round-trips through the HF config
+    assert hf.rope_parameters["rope_theta"] == ext.rope_theta and hf.max_position_embeddings == 192
+
+    Trainer(lc(tmp_path / "half", until_step=2), quiet=True).run()
+    Trainer(lc(tmp_path / "half", resume=str(tmp_path / "half" / "ckpt")), quiet=True).run()
+    a, b, p0 = (load_state(d) for d in (tmp_path / "full" / "ckpt", tmp_path / "half" / "ckpt", pre))
+    assert any(not torch.equal(a[k], p0[k]) for k in a), "the stage trained nothing"
+    assert all(torch.equal(a[k], b[k]) for k in a), "resuming the long_context stage is not exact"

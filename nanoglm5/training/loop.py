@@ -81,7 +81,8 @@ from nanoglm5.training.state import (
     set_rng_state,
     trainer_state,
 )
-from nanoglm5.training.train_config import QAT_FIELDS, RESUME_NEUTRAL, TrainConfig, TrainError
+from nanoglm5.training.train_config import (LONG_CONTEXT_ROPE_FACTOR, QAT_FIELDS, RESUME_NEUTRAL, TrainConfig,
+                                           TrainError)
 
 
 class Trainer:
@@ -130,8 +131,8 @@ class Trainer:
             raise TrainError(f"--optimizer {c.optimizer!r}: choose adamw or muon")
         if c.decay not in ("cosine", "linear", "constant"):
             raise TrainError(f"--decay {c.decay!r}: choose cosine, linear or constant")
-        if c.stage == "sft" and not (c.init_from or c.resume):
-            raise TrainError("--stage sft starts from a pretrained model: pass --init-from out/pretrain/ckpt")
+        if c.stage in ("sft", "long_context") and not (c.init_from or c.resume):
+            raise TrainError(f"--stage {c.stage} starts from a pretrained model: pass --init-from out/pretrain/ckpt")
         if c.qat not in ("", "int4"):
             raise TrainError(f"--qat {c.qat!r}: the only scheme is int4")
         if c.fsdp and not self.dist.enabled:
@@ -179,7 +180,7 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.bytes_per_token = None
         self.val_text = None  # SFT: pretraining val windows, when the data dir has them
-        if c.stage == "pretrain":
+        if c.stage in ("pretrain", "long_context"):
             train, val = load_shards(c.data_dir, "train"), load_shards(c.data_dir, "val")
             self.data, self.val = TokenBatches(train, c.seq_len, c.seed), TokenBatches(val, c.seq_len, c.seed)
             meta = json.loads((Path(c.data_dir) / "tokens" / "meta.json").read_text())
@@ -221,7 +222,11 @@ class Trainer:
         overrides = {k: v for k, v in c.model.items() if v is not None}
         try:
             if c.init_from:
-                mc = read_config(c.init_from).replace(**overrides)
+                base = read_config(c.init_from)
+                if c.stage == "long_context":
+                    overrides.setdefault("rope_theta", base.rope_theta * LONG_CONTEXT_ROPE_FACTOR)
+                    overrides.setdefault("max_position_embeddings", max(base.max_position_embeddings, c.seq_len))
+                mc = base.replace(**overrides)
             else:
                 overrides.setdefault("vocab_size", self.data_vocab)
                 mc = ModelConfig.preset(c.preset, **overrides)
@@ -350,7 +355,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ one step
     def stage_at(self, step: int) -> str:
         c = self.cfg
-        if c.stage == "sft":
+        if c.stage in ("sft", "long_context"):
             return "sparse"
         if step < c.dense_steps:
             return "dense"

@@ -19,7 +19,8 @@ f = config_field  # a field with its --help text
 
 @dataclass
 class TrainConfig:
-    stage: str = f("pretrain", "pretrain (token shards, DSA stages) or sft (chat, loss on assistant tokens)")
+    stage: str = f("pretrain", "pretrain (token shards, DSA stages), sft (chat, loss on assistant tokens) or "
+                               "long_context (mid-training context extension of a pretrained model, raised RoPE base)")
     preset: str = f("tiny", "ModelConfig preset (config.PRESETS); single fields via --index-topk etc.")
     model: dict = f({}, "ModelConfig overrides; on the CLI, one flag per ModelConfig field")
     data_dir: str = f("data", "output of `python data/prepare.py`: tokenizer.json, tokens/, knowledge.jsonl")
@@ -28,7 +29,8 @@ class TrainConfig:
     resume: str = f("", "continue a run exactly: 'auto' (= out_dir/ckpt) or a checkpoint path")
     seed: int = f(1337, "one seed for init, data order and everything else")
     # batches
-    seq_len: int = f(256, "tokens per sequence (SFT: longer conversations are cut)")
+    seq_len: int | None = f(None, "tokens per sequence (SFT: longer conversations are cut); default 256, "
+                                  "long_context 2048")
     batch_size: int | None = f(None, "sequences per optimizer step, summed over ranks and micro-batches")
     micro_batch_size: int | None = f(None, "sequences per forward/backward on one rank (gradient accumulation)")
     max_steps: int | None = f(None, "optimizer steps in total, DSA warm-up included (the lr schedule's length)")
@@ -96,7 +98,19 @@ STAGE_DEFAULTS = {
                      dsa_warmup_steps=30, lr=3e-3, warmup_steps=20, eval_every=100, save_every=100),
     "sft": dict(out_dir="out/sft", max_steps=600, batch_size=32, micro_batch_size=8, dense_steps=0,
                 dsa_warmup_steps=0, lr=3e-3, warmup_steps=20, eval_every=200, save_every=200),
+    # GLM-5 extends the context in mid-training, after pretraining and before SFT (arXiv 2602.15763, mid-training; GLM-4.5,
+    # arXiv 2508.06471 §2.4): the pretrained model continues on longer windows of the same corpus with a raised
+    # RoPE base, at a lower lr; DSA stays on, so attention per query stays at index_topk keys
+    "long_context": dict(out_dir="out/long_context", seq_len=2048, max_steps=100, batch_size=2, micro_batch_size=2,
+                         dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=10, eval_every=50, save_every=20),
 }
+for _d in STAGE_DEFAULTS.values():
+    _d.setdefault("seq_len", 256)
+
+# GLM-4.5 raised the RoPE base from 10,000 to 1,000,000 (100×) when it extended the context to 32K
+# (arXiv 2508.06471 §2.4); the long_context stage raises the pretrained model's base by the same factor unless
+# --rope-theta names one
+LONG_CONTEXT_ROPE_FACTOR = 100.0
 
 # Fields that may change between a run and its --resume without breaking exactness of the math. fsdp, like the
 # number of ranks, changes only the order of floating-point reductions (its sharded state reshards on load).
