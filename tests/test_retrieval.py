@@ -1,0 +1,65 @@
+"""Passkey retrieval (nanoglm5/retrieval.py): the tasks leave no shortcut (uniform keys, random filler, the needle
+where the depth puts it), scoring is greedy exact match of the key, and the indexer's recall is read from the
+top-k the DSA layers really selected."""
+
+import numpy as np
+import pytest
+import torch
+
+from nanoglm5.config import ModelConfig
+from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.model import GLM5
+from nanoglm5.retrieval import evaluate, make_examples, main, score
+
+TEXTS = ["the cat sat on the mat and looked at the door", "a pass key is a number: 0 1 2 3 4 5 6 7 8 9",
+         "what is the pass key? remember it."] * 30
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXTS, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def filler(tok):
+    return np.array(tok.encode(" ".join(TEXTS * 3)), dtype=np.uint16)
+
+
+def test_examples_hide_a_uniform_key_at_the_asked_depth(tok, filler):
+    exs = make_examples(tok, filler, lengths=[600, 900], depths=[0.1, 0.9], n=6, seed=0)
+    assert len(exs) == 2 * 2 * 6 and all(len(e.ids) == e.length for e in exs)
+    assert len({e.key for e in exs}) == len(exs)  # keys drawn uniformly: no answer to guess from frequency
+    for e in exs:
+        assert tok.decode(e.ids[e.answer_at:]).strip() == e.key  # the answer is the key, at the very end
+        assert e.key in tok.decode(e.ids[: e.answer_at])  # and the key is in the context, once placed by depth
+        rel = e.key_pos[0] / e.length  # the question and answer take the last part, so 0.9 lands a little earlier
+        assert rel < 0.3 if e.depth == 0.1 else rel > 0.6, (rel, e.depth)
+    starts = {tuple(e.ids[:8]) for e in exs}
+    assert len(starts) > 1  # the filler comes from different offsets
+
+
+def test_too_short_a_length_is_refused_with_the_fix(tok, filler):
+    with pytest.raises(ValueError, match="too short"):
+        make_examples(tok, filler, lengths=[20], depths=[0.5], n=1)
+
+
+def test_indexer_recall_reads_the_real_selection_and_dense_sees_everything(tok, filler):
+    torch.manual_seed(0)
+    model = GLM5(ModelConfig.preset("tiny", vocab_size=len(tok), max_position_embeddings=512, index_topk=16)).eval()
+    exs = make_examples(tok, filler, lengths=[200], depths=[0.5], n=2)
+    s = score(model, exs[0], sparse=True)
+    assert 0.0 <= s["recall"] <= 1.0 and isinstance(s["retrieved"], bool)
+    assert not any("select" in vars(m) for m in model.modules())  # the recorder put the class's method back
+    # with top-k as large as the context nothing is selected away: no recall to report, and sparse is dense
+    wide = GLM5(ModelConfig.preset("tiny", vocab_size=len(tok), max_position_embeddings=512, index_topk=256)).eval()
+    wide.load_state_dict(model.state_dict())
+    assert np.isnan(score(wide, exs[0], sparse=True)["recall"])
+    (cell,) = evaluate(wide, exs)["cells"]
+    assert cell["n"] == 2 and cell["sparse"] == cell["dense"] and cell["indexer_recall"] is None
+    (narrow,) = evaluate(model, exs)["cells"]
+    assert 0.0 <= narrow["indexer_recall"] <= 1.0
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
