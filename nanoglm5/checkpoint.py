@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from nanoglm5.config import ModelConfig
 from nanoglm5.int4 import Int4Experts, Int4Linear, QuantConfig, quant_targets, set_module
-from nanoglm5.model import GLM5, Experts, MTPLayer
+from nanoglm5.model import GLM5, Experts, MTPLayer, cast_model
 
 
 class CheckpointError(RuntimeError):
@@ -250,12 +250,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         mtp.apply(model._init)
         sd.update({f"mtp.{k}": v for k, v in mtp.state_dict().items()})
     load_into(model, sd, path)
-    model = model.to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-        for m in model.moe_layers():  # the router bias stays fp32, as in the reference
-            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
-    return model.eval()
+    # the routers stay fp32 (the bias is fp32 in the reference too): routing is computed in fp32
+    return cast_model(model, device, dtype).eval()
 
 
 def load_into(model: GLM5, sd: dict[str, torch.Tensor], path="checkpoint") -> None:

@@ -303,10 +303,7 @@ class Decoder:
             s = torch.bmm(iq.reshape(B, T * HI, dI), ikc.transpose(1, 2)).relu_()
             s = torch.baddbmm(neg.view(N, 1, S), iw.reshape(N, 1, HI), s.view(N, HI, S)).view(B, T, S)
             k = min(L.topk, S)
-            if self.tie_break == "stable":
-                top = s.sort(dim=-1, descending=True, stable=True)[1][..., :k]
-            else:
-                top = s.topk(k, dim=-1)[1]
+            top = self._select(s, k)
             sel = latent.gather(1, top.reshape(B, T * k, 1).expand(B, T * k, kvl + dr)).view(N, k, kvl + dr)
             p = (torch.bmm(q, sel.transpose(1, 2)) + neg.gather(-1, top).view(N, 1, k)).softmax(-1)
             return self._out(L, x, torch.bmm(p if self.dtype == torch.float32 else p.to(self.dtype), sel[..., :kvl]))
@@ -326,12 +323,8 @@ class Decoder:
             gu = torch.mm(h, L.Wgu)
             return torch.addmm(x, F.silu(gu[:, :I]) * gu[:, I:], L.Wd)
         rs = torch.mm(h if h.dtype == torch.float32 else h.float(), L.Wr)  # [router logits | shared gate, up]
-        scores = rs[:, : L.E].sigmoid()
         k = L.k
-        idx = (scores + L.bias).topk(k, dim=-1, sorted=False)[1]
-        gates = scores.gather(1, idx)
-        gates = gates * (L.rsf / (gates.sum(-1, keepdim=True) + L.tiny)) if L.norm else gates * L.rsf
-        gates = gates if self.dtype == torch.float32 else gates.to(self.dtype)
+        gates, idx = self._route(L, rs[:, : L.E])
         hw = h * L.w
         if N * k <= GATHER_PAIRS or self.static:  # gather the chosen experts' weights: few ops, static shapes
             # copy the chosen experts' matrices (whole, fast) into preallocated buffers: a fresh megabyte-sized
@@ -348,6 +341,20 @@ class Decoder:
             return x + routed
         g = rs[:, L.E:] if self.dtype == torch.float32 else rs[:, L.E:].to(self.dtype)
         return torch.addmm(x + routed, F.silu(g[:, :I]) * g[:, I:], L.Wd)
+
+    def _select(self, s, k):
+        """DSA top-k of the fp32 index scores s (B, T, S): the keys model.Attention.select picks."""
+        if self.tie_break == "stable":
+            return s.sort(dim=-1, descending=True, stable=True)[1][..., :k]
+        return s.topk(k, dim=-1)[1]
+
+    def _route(self, L, logits):
+        """fp32 router logits (N, E) → gates (N, k) in the engine's dtype, expert ids (N, k): model.Router's rule."""
+        scores = logits.sigmoid()
+        idx = (scores + L.bias).topk(L.k, dim=-1, sorted=False)[1]
+        gates = scores.gather(1, idx)
+        gates = gates * (L.rsf / (gates.sum(-1, keepdim=True) + L.tiny)) if L.norm else gates * L.rsf
+        return (gates if self.dtype == torch.float32 else gates.to(self.dtype)), idx
 
     def _buffer(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
         """n rows of a reusable (rows, *like.shape[1:]) buffer. Eager: one per name, grown as needed; static: one

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoglm5.decode import Decoder
-from nanoglm5.model import GLM5, TIE_BREAKS
+from nanoglm5.model import GLM5, TIE_BREAKS, autocast_off, cast_model
 from nanoglm5.sampling import SamplingParams, draw, sample, sampling_logprobs  # noqa: F401 (re-exported)
 from nanoglm5.speculative import MTPSpeculator
 
@@ -156,9 +156,7 @@ class Engine:
         if next(model.parameters()).device != self.device:
             self.model = model.to(self.device)
         if dtype is not None and model.embed_tokens.weight.dtype != dtype:
-            self.model = model.to(dtype)
-            for m in self.model.moe_layers():  # the router's bias stays fp32, as load_hf keeps it: routing is fp32
-                m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+            self.model = cast_model(model, dtype=dtype)  # the routers (and QAT masters) stay fp32: routing is fp32
         if graphs == "auto":
             graphs = "cuda" if self.device.type == "cuda" else "off"
         if graphs == "cuda" and self.device.type != "cuda":
@@ -283,6 +281,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
+        # the engine's dtype is its weights' and its routing and index scores are fp32 (decode.py): a caller's
+        # autocast must not recast them, or the engine would choose other experts and keys than the learner
+        with autocast_off(self.device):
+            return self._step()
+
+    def _step(self) -> list[StepEvent]:
         self.decoder.refresh()  # the weights may have changed since the last step
         admitted = self._admit()
         new = {r.id for r in admitted}

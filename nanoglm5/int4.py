@@ -214,6 +214,7 @@ class QATLinear(nn.Linear):
 
     group_size: int
     scale_dtype: str
+    fp32_tensors = ("weight",)  # the master weight stays fp32 in a bf16 copy (model.cast_model): QAT rounds it
 
     @property
     def weight(self):
@@ -232,6 +233,7 @@ class QATExperts(Experts):
 
     group_size: int
     scale_dtype: str
+    fp32_tensors = ("gate_up_proj", "down_proj")  # fp32 masters in a bf16 copy, as QATLinear's
 
     def weights(self):
         return (_fake_quant_cached(self, "gate_up_proj", self.gate_up_proj),

@@ -10,6 +10,7 @@ converter in checkpoint.py is a rename, and logits equal the reference on the sa
 Aux losses and statistics are returned from `forward` in `ModelOutput`, never kept in globals.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def autocast_off(device: torch.device):
+    """A block whose ops run in the dtype of their inputs: autocast off for the device. Under torch.autocast
+    F.linear and matmul cast even fp32 inputs to bf16, so "routing in fp32" needs this as well as .float().
+    Outside autocast it changes nothing (fp32 results stay bit for bit)."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors: no autocast to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -80,11 +90,14 @@ class Indexer(nn.Module):
     def scores(self, x, q, k):
         """x (B,T,H) block input, q (B,T,HI,dI), k (B,S,dI) → index scores (B, T, S) in fp32."""
         B, T, HI, D = q.shape
-        # one (T·HI, D) @ (D, S) matmul per sequence; a broadcast matmul would copy k T times
-        s = torch.matmul(q.float().reshape(B, T * HI, D), k.float().transpose(-1, -2)).view(B, T, HI, -1)
-        s = F.relu(s * self.softmax_scale)  # (B, T, HI, S)
-        w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, HI)
-        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)  # (B, T, S)
+        w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, HI); bf16 under autocast, as the engine's
+        # autocast would run the matmuls below in bf16 whatever their inputs: the scores that choose the top-k
+        # keys are fp32, as the engine (decode.py) computes them, so learner and workers select the same keys
+        with autocast_off(x.device):
+            # one (T·HI, D) @ (D, S) matmul per sequence; a broadcast matmul would copy k T times
+            s = torch.matmul(q.float().reshape(B, T * HI, D), k.float().transpose(-1, -2)).view(B, T, HI, -1)
+            s = F.relu(s * self.softmax_scale)  # (B, T, HI, S)
+            return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)  # (B, T, S)
 
 
 def indexer_kl(p_heads: torch.Tensor, index_scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -292,6 +305,9 @@ class Router(nn.Module):
     """Sigmoid router, noaux_tc (DeepSeek-V3 eqs. 15-16): experts chosen by top-k of sigmoid(logits) + b,
     gates = the chosen sigmoid scores WITHOUT b, normalised, × routed_scaling_factor. b is a buffer
     (`e_score_correction_bias`) moved by the sign rule after each step, never by the optimizer."""
+    # kept fp32 when the model is cast to bf16 (`cast_model`): the learner routes with its fp32 master
+    # weights, so a bf16 worker must route with the same ones to choose the same experts
+    fp32_tensors = ("weight", "e_score_correction_bias")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -302,7 +318,8 @@ class Router(nn.Module):
     def forward(self, x):
         """x (N, H) → gates (N, k), expert ids (N, k), sigmoid scores (N, E)."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # routing in fp32
+        with autocast_off(x.device):  # routing in true fp32, autocast or not (the engine routes in fp32 too)
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias
         if cfg.n_group > 1:  # group-limited routing (DeepSeek-V3); GLM-5 has n_group = 1
             g = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
@@ -323,6 +340,14 @@ def _warn_once(msg: str):
     if msg not in _warned:
         _warned.add(msg)
         print(f"[nanoglm5] {msg}")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when it is on for x's device, else x's own."""
+    if x.dtype.is_floating_point and torch.amp.is_autocast_available(x.device.type) \
+            and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Experts(nn.Module):
@@ -352,21 +377,24 @@ class Experts(nn.Module):
         return out
 
     def forward(self, x, gates, idx):
-        """Grouped dispatch: sort the (token, expert) pairs by expert, two grouped matmuls, scatter back."""
-        if not hasattr(torch, "_grouped_mm") or (x.device.type == "cuda" and x.dtype == torch.float32):
+        """Grouped dispatch: sort the (token, expert) pairs by expert, two grouped matmuls, scatter back.
+        Under autocast the matmuls run in the autocast dtype, as the loop's F.linear would (autocast does not
+        cast _grouped_mm's inputs, and the residual stream it sees is fp32); the result comes back in x's dtype."""
+        dt = compute_dtype(x)
+        if not hasattr(torch, "_grouped_mm") or (x.device.type == "cuda" and dt == torch.float32):
             _warn_once("torch._grouped_mm unavailable for this device/dtype: MoE falls back to the per-expert loop")
             return self.forward_loop(x, gates, idx)
-        gate_up, down = self.weights()
+        gate_up, down = (w.to(dt) for w in self.weights())
         E, k = gate_up.shape[0], idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
         offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(x[token], gate_up.transpose(-1, -2), offs=offs)  # (N·k, 2I)
+        h = torch._grouped_mm(x[token].to(dt), gate_up.transpose(-1, -2), offs=offs)  # (N·k, 2I)
         g, u = h.chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(g) * u, down.transpose(-1, -2), offs=offs)  # (N·k, H)
         y = y * gates.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -576,3 +604,22 @@ class GLM5(nn.Module):
     def num_params(self, include_mtp: bool = False) -> int:
         n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
         return n
+
+
+def cast_model(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """model.to(device, dtype), in place, keeping in fp32 what the code computes in fp32: each module's
+    `fp32_tensors` (the routers' weight and bias; QAT's master weights, int4.py, so the fake quantizer
+    rounds the learner's fp32 weights, not bf16 copies of them). The rollout workers, the engine, load_hf
+    and bench/gpu.py cast with this. dtype None: model.to(device)."""
+    if dtype is None:
+        return model.to(device)
+    keep = set()
+    for m in model.modules():
+        for name in getattr(m, "fp32_tensors", ()):
+            t = m._parameters.get(name, m._buffers.get(name))  # the tensor itself (QATLinear.weight is a property)
+            if t is not None:
+                keep.add(id(t))
+    for t in list(model.parameters()) + list(model.buffers()):
+        to = (torch.float32 if id(t) in keep else dtype) if t.is_floating_point() else t.dtype
+        t.data = t.data.to(device=device, dtype=to)
+    return model

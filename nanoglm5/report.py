@@ -106,6 +106,16 @@ def _cached(path: Path, fn):
     return res
 
 
+def rl_device(device: str) -> str:
+    """--device as the RL stages and the evaluation take it (cpu or cuda: the learner and the workers share
+    GPU 0): "auto" is cuda when torch sees a GPU, "cuda:N" is cuda (pick the GPU with CUDA_VISIBLE_DEVICES)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or device.startswith("cuda"):
+        return "cpu" if device == "cpu" else "cuda"
+    raise SpeedrunError(f"--device {device}: choose cpu, cuda or auto")
+
+
 @torch.no_grad()
 def evaluate_all(a, b) -> dict:
     out = a.out_dir
@@ -148,15 +158,17 @@ def evaluate_all(a, b) -> dict:
     tasks = TaskSource(cfg).eval_tasks()
     ev = {"sft": sync["eval_before"], "rl_sync": sync["eval_after"]}
     t = time.time()
-    ev["rl_async"] = _cached(out / "eval" / "rl_async.json",
-                             lambda: evaluate(load_policy(ck["rl_async"]), tok, tasks, cfg, samples=cfg.eval_samples))
+    dev = rl_device(a.device)  # where rl.py evaluated the SFT and sync models (fp32 weights, as there)
+    ev["rl_async"] = _cached(out / "eval" / "rl_async.json", lambda: evaluate(
+        load_policy(ck["rl_async"]).to(dev), tok, tasks, cfg, samples=cfg.eval_samples))
     print(f"[speedrun] eval: async RL model pass@1 greedy {ev['rl_async']['acc']:.3f}, sampled "
           f"{ev['rl_async']['sampled']:.3f} ({time.time() - t:.0f}s)", flush=True)
 
     # int4: the packed model of the async RL run has its logits, bit for bit; its greedy pass@1 re-measured
     int4, rl_async = load_hf(ck["int4"]).eval(), load_policy(ck["rl_async"])
     same = all(torch.equal(int4(x, sparse=True).logits, rl_async(x, sparse=True).logits) for x, _ in windows[:2])
-    ev["int4"] = _cached(out / "eval" / "int4.json", lambda: evaluate(int4, tok, tasks, cfg, samples=0))
+    ev["int4"] = _cached(out / "eval" / "int4.json", lambda: evaluate(load_hf(ck["int4"]).eval().to(dev), tok, tasks,
+                                                                       cfg, samples=0))
     res["val_loss"]["after_rl_int4"] = token_weighted_loss(int4, windows, sparse=True)
     res["int4"] = {"bit_identical_logits": same, "weight_bytes": quant.weight_bytes(int4)["total_bytes"],
                    "fp32_weight_bytes": sum(p.numel() * 4 for p in rl_async.parameters()),

@@ -40,7 +40,7 @@ from pathlib import Path
 from nanoglm5 import report
 from nanoglm5.progress import JobProgress, matmul_gflops, published
 from nanoglm5.checkpoint import CheckpointError
-from nanoglm5.report import SpeedrunError, check_ckpt
+from nanoglm5.report import SpeedrunError, check_ckpt, rl_device
 from nanoglm5.rl.sandbox import SandboxUnavailable, check_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,8 @@ def stage_commands(a, b: Budget) -> list[tuple[str, list[str], str]]:
     qat = ["--qat", "int4", "--qat-layers", a.qat_layers, "--qat-group-size", str(a.group_size),
            "--qat-start-step", str(branch)]
     trunk = str(out / "sft_trunk" / "ckpt")
-    rl = ["--time-budget-s", str(b.rl_seconds), "--workers", str(a.rl_workers), "--seed", str(a.seed)] + b.rl
+    rl = ["--time-budget-s", str(b.rl_seconds), "--workers", str(a.rl_workers), "--seed", str(a.seed),
+          "--device", rl_device(a.device)] + b.rl
     rl += ["--allow-unsandboxed"] if a.allow_unsandboxed else []
     evals = ["--n-eval-tasks", str(b.eval_tasks), "--eval-samples", str(b.eval_samples)]
     return [
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cpu", help="training stages: cpu, cuda or auto (RL and eval run on the CPU)")
+    p.add_argument("--device", default="cpu", help="every stage: cpu, cuda or auto (training, RL with its workers, "
+                   "and the evaluation)")
     p.add_argument("--out-dir", type=Path, default=None, help="default: out/speedrun (out/speedrun-quick with --quick)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the training stages")

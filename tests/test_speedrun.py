@@ -111,3 +111,13 @@ def test_the_report_calls_a_run_quiet_only_when_the_load_before_it_was_under_the
     assert "shared its 2 cores with other jobs (load average 4 when it started, up to 15)" in _machine_line(loads, 2)
     loads["a"]["load_before"] = 0.5
     assert "quiet when the run started (load average 0.5)" in _machine_line(loads, 2)
+
+
+@pytest.mark.parametrize("device,expect", [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:0", "cuda")])
+def test_stage_commands_pass_the_device_to_rl(tmp_path, device, expect):
+    """--device reaches the RL stages (learner and workers), as the training stages, not only training."""
+    a = Namespace(out_dir=tmp_path, preset="tiny", device=device, seed=1, threads=1, rl_workers=2,
+                  qat_layers="all_but_head", group_size=32, allow_unsandboxed=False)
+    cmds = {name: argv for name, argv, _ in stage_commands(a, BUDGETS["quick"])}
+    for name in ("pretrain", "rl_sync", "rl_async"):
+        assert cmds[name][cmds[name].index("--device") + 1] == (device if name == "pretrain" else expect)

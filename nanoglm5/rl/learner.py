@@ -28,6 +28,7 @@ Simplified: no KL term, no entropy bonus, no critic; the MoE router bias is not 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -69,7 +70,9 @@ def sequence_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> tor
     result comes back on the device of `ids`, with its graph."""
     dev = next(model.parameters()).device
     x = ids.to(dev)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    # bf16 autocast on CUDA; elsewhere the caller's (a CPU test's torch.autocast), not switched off here
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    with amp:
         out = model(x[:, :-1], sparse=True, tie_break="stable")
     logp = (out.logits.float() / temperature).log_softmax(-1)  # (N, T-1, V)
     return logp.gather(-1, x[:, 1:, None]).squeeze(-1).to(ids.device)

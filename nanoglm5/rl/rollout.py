@@ -48,6 +48,7 @@ import torch
 from nanoglm5.data.tasks import Task
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
+from nanoglm5.model import cast_model
 from nanoglm5.rl.buffer import Group, Lease, Trajectory
 from nanoglm5.rl.envs import make_env
 from nanoglm5.rl.learner import build_policy
@@ -356,7 +357,7 @@ def _worker_loop(wid, cfg: RLConfig, model_config, tokenizer_file, relay, lease_
     torch.manual_seed(0)
     model = build_policy(model_config)  # the learner's modules (QAT ones for a QAT policy)
     if cfg.device == "cuda":  # a bf16 copy on the GPU (shared with the learner); pulls copy into it in place
-        model = model.to("cuda", torch.bfloat16)
+        model = cast_model(model, "cuda", torch.bfloat16)  # routers and QAT masters stay fp32, as the learner's
     version = relay.pull(model)
     ro = Rollout(model, Tokenizer.load(tokenizer_file), cfg, version)
     sender.send(Hello(wid, version, os.getpid()))
