@@ -191,7 +191,7 @@ def save_hf(model: GLM5, path: str | Path, tokenizer=None, extra_files: dict | N
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
         if (tmp / "tokenizer.json").exists():
-            tok = tokenizer if tokenizer is not None else Tokenizer.load(tmp)
+            tok = tokenizer if tokenizer is not None else _read_tokenizer(tmp)
             cfg.update(token_ids(tok))  # the ids of the tokenizer saved beside the weights win over the preset's
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(hf_tokenizer_config(model.config.max_position_embeddings), indent=2))
@@ -199,6 +199,14 @@ def save_hf(model: GLM5, path: str | Path, tokenizer=None, extra_files: dict | N
                 json.dumps(generation_config(tok, model.config.max_position_embeddings), indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return Path(path)
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception on a malformed file
+        raise CheckpointError(f"the tokenizer.json to be saved with the checkpoint is not a tokenizer ({e}); copy "
+                              "the one the model was trained with (data/tokenizer.json)") from e
 
 
 def token_ids(tok: Tokenizer) -> dict:
