@@ -1,7 +1,8 @@
 """Checkpoints: one format for every stage, and it is the HF one.
 
 A checkpoint is a directory: config.json (HF `GlmMoeDsaConfig` keys), model.safetensors (or shards
-+ model.safetensors.index.json), tokenizer.json, and for resumable stages trainer_state.pt.
++ model.safetensors.index.json), tokenizer.json with tokenizer_config.json (GLM's chat template, eos and pad) and
+generation_config.json (stop ids, sampling defaults), and for resumable stages trainer_state.pt.
 Tensor names are those of `GlmMoeDsaForCausalLM` with per-expert weights, as the real zai-org/GLM-5
 checkpoint has them (`model.layers.L.mlp.experts.E.gate_proj.weight`), so
 `transformers.AutoModelForCausalLM.from_pretrained` loads what `save_hf` writes and `load_hf`
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanoglm5.config import ModelConfig
+from nanoglm5.data.tokenizer import Tokenizer, hf_tokenizer_config
 from nanoglm5.int4 import Int4Experts, Int4Linear, QuantConfig, quant_targets, set_module
 from nanoglm5.model import GLM5, Experts, MTPLayer, cast_model
 
@@ -175,18 +177,49 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def save_hf(model: GLM5, path: str | Path, tokenizer=None, extra_files: dict | None = None,
             max_shard_bytes: int = 4 * 2**30) -> Path:
-    """Write `model` (and optionally a tokenizer and extra files) as an HF checkpoint directory, atomically."""
+    """Write `model` (and optionally a tokenizer and extra files) as an HF checkpoint directory, atomically.
+    With a tokenizer (passed, or a tokenizer.json among extra_files) the directory also gets what other tools
+    need to chat with it and to stop generating: tokenizer_config.json (chat template, eos/pad tokens),
+    generation_config.json, and the tokenizer's eos/pad ids in config.json."""
     sd = to_hf_state_dict(model)
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
     with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _save_shards({k: v.detach().cpu() for k, v in sd.items()}, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
+        if (tmp / "tokenizer.json").exists():
+            tok = tokenizer if tokenizer is not None else _read_tokenizer(tmp)
+            cfg.update(token_ids(tok))  # the ids of the tokenizer saved beside the weights win over the preset's
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(hf_tokenizer_config(model.config.max_position_embeddings), indent=2))
+            (tmp / "generation_config.json").write_text(
+                json.dumps(generation_config(tok, model.config.max_position_embeddings), indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return Path(path)
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception on a malformed file
+        raise CheckpointError(f"the tokenizer.json to be saved with the checkpoint is not a tokenizer ({e}); copy "
+                              "the one the model was trained with (data/tokenizer.json)") from e
+
+
+def token_ids(tok: Tokenizer) -> dict:
+    """config.json's special-token ids: generation ends at any of the tokens that end an assistant turn
+    (`<|endoftext|>`, `<|user|>`, `<|observation|>`: GLM-5's eos_token_id list, config.py), pads with eos."""
+    return {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.eos_id, "bos_token_id": None}
+
+
+def generation_config(tok: Tokenizer, max_length: int) -> dict:
+    """generation_config.json: the stop ids, and sampling defaults equal to our engine's (sampling.SamplingParams:
+    temperature 1, no top-k, no top-p), so `model.generate` and vLLM sample as `serve.py` does by default."""
+    return {**token_ids(tok), "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+            "max_length": max_length}
 
 
 def _save_shards(sd, path: Path, max_shard_bytes: int):

@@ -16,6 +16,7 @@ from conftest import require
 from nanoglm5 import int4, quant
 from nanoglm5.checkpoint import CheckpointError, load_hf, save_hf, save_int4
 from nanoglm5.config import ModelConfig
+from nanoglm5.data.tokenizer import MIN_VOCAB, Tokenizer
 from nanoglm5.model import GLM5
 
 # small config; dims 48 / 24 / 40 exercise groups that do not divide the input dim (padded last group)
@@ -132,13 +133,13 @@ def test_ptq_cli_and_names(tmp_path):
     model = _model(seed=3)
     ids = _ids()
     save_hf(model, tmp_path / "fp")
-    (tmp_path / "fp" / "tokenizer.json").write_text("{}")
+    Tokenizer.train(["the cat sat on the mat"] * 4, vocab_size=MIN_VOCAB).save(tmp_path / "fp" / "tokenizer.json")
     r = subprocess.run([sys.executable, "-m", "nanoglm5.quant", "convert", "--checkpoint", str(tmp_path / "fp"),
                         "--out", str(tmp_path / "int4"), "--layers", "all_but_head", "--group-size", "32"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr
     assert "post-training quantization" in r.stdout
-    assert (tmp_path / "int4" / "tokenizer.json").exists()
+    assert (tmp_path / "int4" / "tokenizer.json").exists() and (tmp_path / "int4" / "tokenizer_config.json").exists()
     qc = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "nanoglm5_int4" and qc["bits"] == 4 and qc["symmetric"] and qc["source"] == "ptq"
     quant.ptq(model, "all_but_head", 32)

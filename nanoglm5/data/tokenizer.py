@@ -3,7 +3,9 @@
 GLM-4/GLM-5 tokenizers are byte-level BPE with GPT-4-style pre-splitting; chat is rendered as
 `[gMASK]<sop>` (`prefix_ids`) then, per message, `<|role|>\\n{content}`, and an assistant turn ends at the
 next role token or `<|endoftext|>` (GLM-4 `chat_template`; GLM-5 keeps it and adds `<think>…</think>`, which are
-atomic tokens here too). `render_chat` returns token ids and the assistant loss mask that SFT and RL use.
+atomic tokens here too). `render_chat` returns token ids and the assistant loss mask that SFT and RL use;
+`CHAT_TEMPLATE` is the same template in Jinja and `hf_tokenizer_config` the tokenizer_config.json that carries it,
+so transformers, vLLM, SGLang and lm-eval render a conversation as we do.
 Simplified: one vocabulary for all languages, sized by a flag (the tiny preset uses 4096), no merges
 for Chinese; GLM-5 uses ~154K.
 Read top to bottom: special tokens → training/loading → encode/decode → chat template.
@@ -21,6 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                   "<|assistant|>", "<|observation|>", "<think>", "</think>"]
 ROLES = ("system", "user", "assistant", "observation")
+EOS, PAD = "<|endoftext|>", "<|endoftext|>"  # GLM-5 pads with its end-of-text token and has no BOS (config.py)
 # GPT-4's split pattern (digits in runs of at most 3), as GLM-4's tiktoken-style tokenizer uses.
 SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -51,7 +54,7 @@ class Tokenizer:
         self._plain = HFTokenizer.from_str(tok.to_str())
         self._plain.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = self.special["<|endoftext|>"]
+        self.eos_id = self.special[EOS]
         self.stop_ids = [self.eos_id, self.special["<|user|>"], self.special["<|observation|>"]]
 
     # --- training and files ---------------------------------------------------------------------
@@ -152,3 +155,39 @@ class Tokenizer:
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Ids to feed the model so it writes the next assistant turn."""
         return self.render_chat(messages, add_generation_prompt=True)[0]
+
+
+# render_chat in Jinja, for the tools that read tokenizer_config.json (transformers' apply_chat_template, vLLM,
+# SGLang, lm-eval): the same text, piece for piece (tests/test_hf_files.py checks it against render_chat).
+# Whitespace control (`-`) everywhere, so the only newlines are the `\n` after each role token.
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}"
+    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ ' in message ' ~ loop.index0"
+    " ~ '; use one of system, user, assistant, observation') -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is not none and message['content'] is not string -%}"
+    "{{- raise_exception('message ' ~ loop.index0 ~ ' content must be a str') -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ message['role'] ~ '|>\\n' ~ (message['content'] or '') -}}"
+    "{%- endfor -%}"
+    "{%- if messages and messages[-1]['role'] == 'assistant' -%}{{- '" + EOS + "' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+
+def hf_tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json beside tokenizer.json: the chat template and the special tokens, so
+    `AutoTokenizer.from_pretrained(checkpoint)` can render chats and knows where generation ends."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "bos_token": None,
+        "model_max_length": model_max_length,
+        "padding_side": "left",  # batched generation pads on the left, so every row continues at the end
+        "clean_up_tokenization_spaces": False,  # byte-level: decode must give back the exact text
+        "extra_special_tokens": [t for t in SPECIAL_TOKENS if t != EOS],
+    }

@@ -150,7 +150,9 @@ def check_resume(path, saved: dict, now: dict, neutral: set[str], what: str,
     compared in full and listed as model.<field>. `what` opens the list ("the run used different settings")."""
     diff = config_diff(saved, now, neutral)
     if model is not None:
-        diff += [f"model.{d}" for d in config_diff(*model)]
+        # special-token ids are the tokenizer's, not the math's: a checkpoint's config.json carries those of the
+        # tokenizer saved beside it (checkpoint.token_ids), the run's ModelConfig those of its preset (tiny: none)
+        diff += [f"model.{d}" for d in config_diff(*model, {"bos_token_id", "eos_token_id", "pad_token_id"})]
     if diff:
         raise TrainError(f"--resume {path}: {what}: " + "; ".join(diff)
                          + ". Pass the same flags, or start a new run from its weights with --init-from")
