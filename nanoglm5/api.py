@@ -94,8 +94,9 @@ def _walk(loc, body, err_type) -> tuple[list, int | None]:
     return parts, None
 
 
-def validation_error(errs: list[dict], body) -> APIError:
-    """FastAPI's 422 (pydantic's errors) as OpenAI's 400: the first error's field as param, OpenAI's code."""
+def validation_error(errs: list[dict], body, content_type: str = "application/json") -> APIError:
+    """FastAPI's 422 (pydantic's errors) as OpenAI's 400: the first error's field as param, OpenAI's code.
+    content_type: the request's header; FastAPI reads no JSON from a body sent as anything else."""
     first = errs[0] if errs else {"type": "value_error", "loc": ("body",), "msg": "invalid request"}
     kind, msg = first.get("type", ""), first.get("msg", "invalid request")
     loc = list(first.get("loc", ()))
@@ -105,6 +106,10 @@ def validation_error(errs: list[dict], body) -> APIError:
         return APIError(400, f"We could not parse the JSON body of your request: it is not valid JSON ({detail}). "
                              "Send a JSON object with Content-Type: application/json.")
     if not loc:  # the body as a whole
+        if isinstance(first.get("input"), bytes) and "json" not in content_type.lower():
+            return APIError(400, f"The request body was sent as Content-Type: {content_type or '(none)'}, which "
+                                 "this server does not read: send Content-Type: application/json with a JSON object.",
+                            code="invalid_type")
         if kind == "missing":
             return APIError(400, "The request has no body: send a JSON object with Content-Type: application/json.")
         return APIError(400, f"The request body must be a JSON object, got {_json_type(first.get('input'))}.",
@@ -141,7 +146,7 @@ def validation_error(errs: list[dict], body) -> APIError:
 
 async def _validation_handler(request: Request, exc: RequestValidationError):
     """FastAPI answers bad bodies with 422; OpenAI (and vLLM, SGLang) say 400 and name the field."""
-    return error_response(validation_error(exc.errors(), exc.body))
+    return error_response(validation_error(exc.errors(), exc.body, request.headers.get("content-type", "")))
 
 
 async def _api_error_handler(request: Request, exc: APIError):

@@ -71,7 +71,7 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]  # per generated token, under the distribution sampled from (greedy: 0.0)
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (isolate_errors: this request failed alone)
     # raw-model top-n per token when params.logprobs > 0; each dict also holds the sampled token's raw log-prob
     top_logprobs: list[dict[int, float]] | None = None
     drafted: int = 0  # speculative decoding: MTP drafts verified for this request, and how many were accepted
@@ -88,6 +88,7 @@ class StepEvent(NamedTuple):
     logprob: float
     completion: Completion | None
     top_logprobs: dict[int, float] | None = None
+    error: str | None = None  # isolate_errors: why this request failed (token_id is then -1, no token was added)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -133,12 +134,16 @@ class Engine:
     graphs: "auto" (CUDA graphs on a CUDA device, else off), "off", "cuda", or "eager": the graph path's
     bucket padding and static shapes run eagerly (what the CPU tests check). Decode batches up to the largest
     of `graph_buckets` (default: powers of two up to max_batch) are padded to the next bucket.
-    device / dtype: where and in what precision the model runs; the model is moved there (in place) if needed."""
+    device / dtype: where and in what precision the model runs; the model is moved there (in place) if needed.
+    isolate_errors: False (default): an exception while sampling or finishing a request propagates out of
+    step(), as any bug should in training and evaluation. True (the server): that request alone is finished
+    with finish_reason "error" and a StepEvent whose `error` says why, and the rest of its batch goes on."""
 
     def __init__(self, model: GLM5, tokenizer=None, max_batch: int = 16, max_tokens_in_flight: int = 8192,
                  max_seq_len: int | None = None, device=None, sparse: bool = True, prefill_tokens: int = 4096,
                  tie_break: str = "stable", speculative: str | None = None, num_draft: int = 1,
-                 graphs: str = "auto", graph_buckets: list[int] | None = None, dtype: torch.dtype | None = None):
+                 graphs: str = "auto", graph_buckets: list[int] | None = None, dtype: torch.dtype | None = None,
+                 isolate_errors: bool = False):
         cfg = model.config
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break={tie_break!r}: use 'stable' (cache-consistent) or 'topk' (reference-exact)")
@@ -171,6 +176,7 @@ class Engine:
                              f"{cfg.max_position_embeddings}; pass max_seq_len <= {cfg.max_position_embeddings}")
         self.sparse, self.prefill_tokens = sparse, prefill_tokens
         self.speculative, self.num_draft = speculative, num_draft
+        self.isolate_errors = isolate_errors
         # drafts are written past a request's budget (then rolled back): room for the longest chain
         headroom = 2 * num_draft + 1 if speculative else 0
         self.decoder = Decoder(self.model, max_batch, self.max_seq_len, headroom, self.device, sparse, tie_break,
@@ -350,26 +356,57 @@ class Engine:
         for b, r in enumerate(reqs):
             if r.params.temperature > 0:
                 groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(b)
+        failed: dict[int, Exception] = {}
         for rows in groups.values():
-            p = reqs[rows[0]].params
-            logp = sampling_logprobs(logits[rows], p)
-            got = draw(logp.exp(), [reqs[b].gen for b in rows])
-            for b, t, lp in zip(rows, got, logp[torch.arange(len(rows)), got].tolist()):
-                toks[b], lps[b] = t, lp
-        return [self._emit(r, t, lp, raw[b] if raw is not None else None)
+            try:
+                self._draw(reqs, rows, logits, toks, lps)
+            except Exception:
+                if not self.isolate_errors:
+                    raise
+                for b in rows:  # one bad request must not fail its group: draw each row alone, fail the bad one
+                    try:
+                        self._draw(reqs, [b], logits, toks, lps)
+                    except Exception as e:
+                        failed[b] = e
+        return [self._fail(r, failed[b]) if b in failed else self._emit(r, t, lp, raw[b] if raw is not None else None)
                 for b, (r, t, lp) in enumerate(zip(reqs, toks, lps))]
+
+    def _draw(self, reqs: list[_Request], rows: list[int], logits: torch.Tensor, toks: list, lps: list) -> None:
+        """Sample rows (one transform: the same temperature, top-k, top-p) into toks / lps, each from its generator."""
+        p = reqs[rows[0]].params
+        logp = sampling_logprobs(logits[rows], p)
+        got = draw(logp.exp(), [reqs[b].gen for b in rows])
+        for b, t, lp in zip(rows, got, logp[torch.arange(len(rows)), got].tolist()):
+            toks[b], lps[b] = t, lp
 
     def _emit(self, r: _Request, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
         """Append one token to r (and its raw top-n log-probs from raw (V,) when asked); finish r if done."""
-        r.out.append(tok)
-        r.logprobs.append(lp)
-        top = None
-        if r.params.logprobs:
-            vals, idx = raw.topk(min(r.params.logprobs, raw.shape[-1]))
-            top = dict(zip(idx.tolist(), vals.tolist()))
-            top.setdefault(tok, float(raw[tok]))
-            r.top.append(top)
-        return StepEvent(r.id, tok, lp, self._finish_if_done(r), top)
+        n = len(r.out)
+        try:
+            r.out.append(tok)
+            r.logprobs.append(lp)
+            top = None
+            if r.params.logprobs:
+                vals, idx = raw.topk(min(r.params.logprobs, raw.shape[-1]))
+                top = dict(zip(idx.tolist(), vals.tolist()))
+                top.setdefault(tok, float(raw[tok]))
+                r.top.append(top)
+            return StepEvent(r.id, tok, lp, self._finish_if_done(r), top)
+        except Exception as e:  # e.g. the stop-string check's detokenization
+            if not self.isolate_errors:
+                raise
+            del r.out[n:], r.logprobs[n:]  # the token was never emitted
+            return self._fail(r, e)
+
+    def _fail(self, r: _Request, e: Exception) -> StepEvent:
+        """Finish r alone with finish_reason "error" (isolate_errors): free its slot, say why in the event."""
+        if self.running.pop(r.id, None) is not None:
+            self._free(r)
+        del r.top[len(r.out):]
+        why = f"{type(e).__name__}: {e}"
+        done = Completion(r.id, r.prompt, r.out, r.logprobs, "error", r.top if r.params.logprobs else None,
+                          r.drafted, r.accepted)
+        return StepEvent(r.id, -1, float("nan"), done, None, why)
 
     def _finish_if_done(self, r: _Request) -> Completion | None:
         reason = None
@@ -400,6 +437,8 @@ class Engine:
         wanted = set(ids)
         while wanted - done.keys():
             for ev in self.step():
+                if ev.error is not None and ev.request_id in wanted:
+                    raise RuntimeError(f"request {ev.request_id} failed: {ev.error}")
                 if ev.completion is not None and ev.request_id in wanted:
                     done[ev.request_id] = ev.completion
                     if bar is not None:

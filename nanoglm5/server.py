@@ -49,6 +49,7 @@ from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams, find_stop
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
 # ---------------------------------------------------------------------------------------------- engine worker
@@ -62,7 +63,9 @@ class _Sub:
 class EngineWorker:
     """One thread owns the engine: it takes new requests and aborts from an inbox, steps the engine while any
     request is live, and pushes (index, token, logprob, top, completion) or (index, error) onto each HTTP
-    request's asyncio queue. An exception in a step fails the requests in flight (500) and the loop goes on."""
+    request's asyncio queue. An exception in one request's sampling or stop check fails that request alone
+    (the engine runs with isolate_errors); one in the batched forward fails the requests in flight (500); the
+    loop goes on either way."""
 
     def __init__(self, engine: Engine, max_queue: int = 64):
         self.engine, self.max_queue = engine, max_queue
@@ -152,6 +155,10 @@ class EngineWorker:
                                final=True)
                 continue
             for ev in events:
+                if ev.error is not None:  # this request alone failed (the engine isolates errors): a 500 for it
+                    self._push(ev.request_id, ("error", APIError(500, f"The server had an error while processing "
+                                                                      f"your request: {ev.error}")), final=True)
+                    continue
                 self._push(ev.request_id, ("token", ev.token_id, ev.logprob, ev.top_logprobs, ev.completion),
                            final=ev.completion is not None)
 
@@ -220,8 +227,9 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
     engine_options: more Engine arguments (speculative="mtp", dtype=torch.bfloat16, graphs=...)."""
     model, tok, default_name = _load(source, device)
     model.eval()
+    options = {"isolate_errors": True, **(engine_options or {})}  # a request never fails its neighbours
     engine = Engine(model, tok, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
-                    max_seq_len=max_seq_len, device=device, **(engine_options or {}))
+                    max_seq_len=max_seq_len, device=device, **options)
     worker = EngineWorker(engine, max_queue)
     name = model_name or default_name
     limits = ServerLimits(engine.max_seq_len, default_max_tokens, engine.cfg.vocab_size, engine.max_tokens_in_flight)
@@ -314,6 +322,8 @@ def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_pa
                        "decimal_above_max_value" if top_p > 1 else "decimal_below_min_value" if top_p <= 0
                        else "invalid_value")
     temperature = _range("temperature", 1.0 if body.temperature is None else body.temperature, 0, 2)
+    if temperature < GREEDY_BELOW:  # logits / 2.4e-68 overflow to inf: such a temperature means greedy (vLLM)
+        temperature = 0.0
     top_k = _range("top_k", body.top_k or 0, 0, 1 << 30)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stop):
