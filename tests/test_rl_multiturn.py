@@ -260,3 +260,14 @@ def test_controller_accounts_crashes_and_untrained_groups(ckpt, tmp_path):
                      "frac": 44 / 56}
     assert ctl.counters["env_error_samples"] == 4 and ctl.counters["crash_dropped_groups"] == 1
     ctl.transport.close()
+
+
+def test_glm5_async_rules_are_on_by_default():
+    """τ-drop (τ = η unless set) and the optimizer reset after each push are the defaults (GLM-5 §4.1)."""
+    c = RLConfig()
+    assert c.reset_optimizer and c.resolved().drop_tau == c.max_staleness == 2
+    assert RLConfig(mode="sync").resolved().drop_tau == 0
+    assert RLConfig(max_staleness=4, order="ready").resolved().drop_tau == 4
+    assert RLConfig(drop_tau=-1).resolved().drop_tau == -1 and RLConfig(drop_tau=1).resolved().drop_tau == 1
+    with pytest.raises(ValueError, match="--drop-tau"):
+        RLConfig(drop_tau=-3).resolved().validate()

@@ -2,11 +2,12 @@
 
 The tasks come from nanoglm5/data/tasks.py (the generators SFT shares, split into disjoint "sft", "train"
 and "eval" parts); an environment adds what RL needs on top: the reward, and for multi-turn tasks the
-episode. Three environments share one small interface:
+episode. Four environments share one small interface:
   - `env.make_tasks(n, seed, split)` → list of `Task` (deterministic in (n, seed, split));
   - `env.reward(task, completion_text) -> float` in [0, 1];
   - multi-turn envs add `env.reset(task) -> state` and
-    `env.step(task, state, assistant_text) -> (observation_text | None, done, reward)`.
+    `env.step(task, state, assistant_text) -> (observation_text | None, done, reward)`;
+  - `EnvCrash` from `reward`/`judge`/`step`: the environment failed, not the policy (below).
 
   math   reward 1 if `check_math_answer` finds the exact final answer (rational equality). GLM-5 §3.2's
          reasoning RL in miniature.

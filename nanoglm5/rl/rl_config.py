@@ -57,8 +57,9 @@ class RLConfig:
                                       "(logits / T), so the IS ratio compares like with like")
     # staleness and weights
     max_staleness: int = f(2, "η: admit a group only while submitted ≤ (η + v + 1)·B (async mode)")
-    drop_tau: int = f(2, "τ: drop samples whose oldest segment is more than τ versions old (GLM-5 §4.1; -1 = off). "
-                         "With --order fifo staleness stays ≤ --max-staleness, so τ ≥ η drops only with --order ready")
+    drop_tau: int = f(-2, "τ: drop samples whose oldest segment is more than τ versions old (GLM-5 §4.1). -2 (default): "
+                          "τ = --max-staleness, η's bound enforced under every --order (fifo admission already keeps "
+                          "it, so there it drops nothing); -1 = off")
     order: str = f("fifo", "batch order: fifo (group_id order, staleness ≤ η) or ready (no head-of-line wait)")
     push_every: int = f(1, "K: optimizer steps per weight push (one rollout batch = K·B groups)")
     reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; on as GLM-5, not "
@@ -105,19 +106,21 @@ class RLConfig:
     progress: bool = f(True, "tqdm progress bar")
 
     def resolved(self) -> RLConfig:
-        """--mode sync is the same code with η = 0 and group-id order (η = 0 is the synchronous schedule)."""
+        """--mode sync is the same code with η = 0 and group-id order (η = 0 is the synchronous schedule); the
+        default τ (-2) becomes η."""
         if self.mode not in ("async", "sync"):
             raise ValueError(f"--mode {self.mode!r}: choose async or sync")
-        if self.mode == "sync":
-            return replace(self, max_staleness=0, order="fifo")
-        return self
+        c = replace(self, max_staleness=0, order="fifo") if self.mode == "sync" else self
+        if c.drop_tau == -2:  # τ = η: a sample is never older than the admission bound allows (GLM-5 §4.1's τ-drop)
+            c = replace(c, drop_tau=c.max_staleness)
+        return c
 
     def validate(self) -> None:
         checks = [
             (self.env in ("math", "code", "code_mt", "agent", "mix"), "--env", "choose math, code, code_mt, agent or mix"),
             (self.max_turns >= 1, "--max-turns", "use at least 1 attempt (3 or more lets the model revise)"),
             (0.0 < self.turn_discount <= 1.0, "--turn-discount", "use a factor in (0, 1] (1.0 = no discount)"),
-            (self.drop_tau >= -1, "--drop-tau", "use -1 (off) or τ >= 0"),
+            (self.drop_tau >= -2, "--drop-tau", "use -2 (τ = --max-staleness), -1 (off) or τ >= 0"),
             (self.loss in KINDS, "--loss", f"choose one of {KINDS}"),
             (self.agg in AGGS, "--agg", f"choose one of {AGGS}"),
             (self.order in ("fifo", "ready"), "--order", "choose fifo or ready"),
