@@ -154,6 +154,8 @@ def _reference_sync(cfg: RLConfig, steps: int):
         for g in groups:
             attach_advantages(g, cfg.std_normalize)
         losses.append(learner.update(groups)["loss"])
+        if cfg.reset_optimizer:  # GLM-5 §4.1, on by default: the controller clears it after each push
+            learner.reset_optimizer()
     return model, losses
 
 

@@ -39,6 +39,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from nanoglm5.rl.filters import generated_tokens, is_stale
+
 
 @dataclass
 class Trajectory:
@@ -55,6 +57,9 @@ class Trajectory:
     advantage: the GRPO advantage, normalised over the whole group; 0.0 until the controller sets
                it on arrival (learner.attach_advantages), before any τ-drop removes samples.
     meta:      free-form (turn count, env latency, finish reason...).
+    env_error: the environment itself failed on this sample (sandbox did not start, judge timeout before
+               the program ran), so its reward says nothing about the policy; filters.filter_crashed
+               removes it (GLM-5 §4.1). A wrong or hostile program is reward 0, not an env error.
     """
 
     tokens: list[int]
@@ -64,6 +69,7 @@ class Trajectory:
     versions: list[tuple[int, int]]
     advantage: float = 0.0
     meta: dict = field(default_factory=dict)
+    env_error: bool = False
 
     def __post_init__(self):
         n = len(self.tokens)
@@ -272,9 +278,10 @@ class ReplayBuffer:
         return batch
 
     def _drop(self, t: Trajectory, trainer_version: int) -> bool:
-        if self.drop_tau is None or trainer_version - t.oldest_version <= self.drop_tau:
+        if not is_stale(t, trainer_version, self.drop_tau):
             return False
         self.counters["dropped_samples"] += 1
+        self.counters["tau_dropped_tokens"] += generated_tokens([t])  # a padding copy was never generated
         self.dropped_lengths.append(len(t.tokens))
         return True
 

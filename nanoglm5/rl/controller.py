@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl.buffer import Group, ReplayBuffer
 from nanoglm5.rl.evaluation import evaluate, judged_line, plot_reward_vs_time
+from nanoglm5.rl.filters import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.learner import Learner, attach_advantages, load_policy, policy_config
 from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, WorkerFailed, WorkerStats
 from nanoglm5.rl.ray_transport import RayTransport
@@ -124,7 +125,8 @@ class Controller:
         self.parked: list = []
         self.counters = Counter()
         self.group_log: list[dict] = []
-        self.group_tokens: dict[int, int] = {}  # committed, untrained group → loss tokens (wasted-token count)
+        # committed, untrained group → loss tokens it generated (wasted-token count; a resumed run's buffered groups too)
+        self.group_tokens: dict[int, int] = {gid: generated_tokens(g.trajectories) for gid, g in self.buffer.done.items()}
         self.trainer_busy: list = []
         self._error, self._stop = None, threading.Event()
 
@@ -207,28 +209,42 @@ class Controller:
                 self._error = f"rollout worker {w.wid} sent an unknown message {type(msg).__name__}"
 
     def _commit(self, w: _Worker, g: Group, st: WorkerStats) -> None:
-        """A finished group: advantages over the whole group, then commit (or discard if its lease is gone)."""
-        attach_advantages(g, self.cfg.std_normalize)
+        """A finished group: env-crashed samples out (the group padded or dropped: filters.filter_crashed), advantages
+        over what is left, then commit (or discard if its lease is gone)."""
+        received = g
         tokens = sum(t.n_loss_tokens for t in g.trajectories)
+        crashed = [t for t in g.trajectories if t.env_error]
+        if crashed:
+            kept = filter_crashed(g)
+            g = kept if kept is not None else Group(g.group_id, g.attempt, [], g.task_id)  # completes, never trained
+        if g.trajectories:
+            attach_advantages(g, self.cfg.std_normalize)
         ok = self.buffer.complete(g)
         self.counters["received_tokens"] += tokens
-        for t in g.trajectories:  # which rewards came from a program run inside bubblewrap
+        for t in received.trajectories:  # which rewards came from a program run inside bubblewrap
             if t.meta.get("sandboxed") is not None:
                 self.counters["judged_sandboxed" if t.meta["sandboxed"] else "judged_unsandboxed"] += 1
-        if ok:
-            self.group_tokens[g.group_id] = tokens
-        else:
+        if not ok:
             self.counters["discarded_tokens"] += tokens
+        else:
+            self.counters["env_error_samples"] += len(crashed)
+            if crashed and not g.trajectories:
+                self.counters["crash_dropped_groups"] += 1
+                self.counters["crash_dropped_group_tokens"] += tokens
+            else:
+                self.counters["crash_removed_tokens"] += generated_tokens(crashed)
+            self.group_tokens[g.group_id] = generated_tokens(g.trajectories)
         w.assigned.pop(g.group_id, None)
         self._worker_stats(w, st)
-        vs = [v for t in g.trajectories for _, v in t.versions]
+        vs = [v for t in received.trajectories for _, v in t.versions]
         self.group_log.append({"group_id": g.group_id, "worker": w.wid, "t": time.time() - self.t0,
-                               "committed": ok, "reward": sum(t.reward for t in g.trajectories) / len(g.trajectories),
+                               "committed": ok, "env_errors": len(crashed),
+                               "reward": sum(t.reward for t in received.trajectories) / len(received.trajectories),
                                "tokens": tokens, "v_min": min(vs), "v_max": max(vs),
-                               "segments": max(len(t.versions) for t in g.trajectories),
+                               "segments": max(len(t.versions) for t in received.trajectories),
                                # the group's generation time and its slowest judge call (evaluation.plot_timeline)
-                               "gen_s": max(t.meta.get("gen_s", 0.0) for t in g.trajectories),
-                               "judge_s": max(t.meta.get("env_s", 0.0) for t in g.trajectories)})
+                               "gen_s": max(t.meta.get("gen_s", 0.0) for t in received.trajectories),
+                               "judge_s": max(t.meta.get("env_s", 0.0) for t in received.trajectories)})
         self.lock.notify_all()
 
     def _worker_stats(self, w: _Worker, st: WorkerStats) -> None:
@@ -325,11 +341,10 @@ class Controller:
                 if time.time() > deadline:  # checked first: in async mode a batch is usually ready already
                     return None
                 before = set(self.buffer.trained)
-                batch = self.buffer.take_batch(None, self.version)
+                batch = self.buffer.take_batch(None, self.version)  # τ-drop inside (filters.is_stale)
                 if batch is not None:
-                    taken = self.buffer.trained - before  # includes groups the τ-drop emptied
-                    kept = sum(t.n_loss_tokens for g in batch for t in g.trajectories)
-                    self.counters["dropped_tokens"] += max(0, sum(self.group_tokens.pop(g, 0) for g in taken) - kept)
+                    for gid in self.buffer.trained - before:  # trained (or τ-emptied): no longer waiting
+                        self.group_tokens.pop(gid, None)
                     return batch
                 self.lock.wait(0.05)
 
@@ -421,19 +436,34 @@ class Controller:
             for k, v in h["staleness"].items():
                 stale[int(k)] += v
         st = self.buffer.stats()
-        recv = max(1, self.counters["received_tokens"])
+        waste = self.wasted_tokens()
         return {"wall_s": wall, "trained_tokens_per_s": trained / wall, "groups_per_s": groups / wall,
                 "trainer_idle_frac": 1 - sum(e - s for s, e in self.trainer_busy) / wall,
                 "rollout_idle_frac": max(0.0, 1 - busy_w / (wall * max(1, len(self.workers)))),
                 "staleness_hist": dict(sorted(stale.items())),
-                # generated but never trained: late/duplicate groups (expired leases) and τ-dropped samples
-                "wasted_token_frac": (self.counters["discarded_tokens"] + self.counters["dropped_tokens"]) / recv,
+                # generated but never trained, every cause (filters.wasted_tokens): late/duplicate groups, τ-dropped
+                # and env-crashed samples, crash-dropped and given-up groups, groups left untrained at the end
+                "wasted_token_frac": waste["frac"], "wasted_tokens": waste,
+                "env_error_samples": self.counters["env_error_samples"],
+                "crash_dropped_groups": self.counters["crash_dropped_groups"],
                 "dropped_samples": st.get("dropped_samples", 0), "dropped_lengths": st["dropped_lengths"],
                 "expired": st.get("expired", 0), "requeued_dead": st.get("requeued_dead", 0),
                 "failed_groups": st.get("failed_groups", 0), "worker_deaths": self.counters["worker_deaths"],
                 "respawned": self.counters["respawned"], "steps": len(hist),
                 "judged_sandboxed": self.counters["judged_sandboxed"],
                 "judged_unsandboxed": self.counters["judged_unsandboxed"]}
+
+    def wasted_tokens(self) -> dict:
+        """Every generated-and-never-trained token so far, by cause. Groups still in the buffer count as untrained
+        (at the end of a run they are); tokens of groups still decoding, or lost with a dead worker, are the
+        workers' generated count (as of their last message) minus what reached the controller."""
+        c = self.counters
+        generated = max(c["received_tokens"], sum(w.tokens for w in self.workers.values()))
+        return wasted_tokens(generated, late_discarded=c["discarded_tokens"],
+                             tau_dropped=self.buffer.counters["tau_dropped_tokens"],
+                             crash_removed=c["crash_removed_tokens"], crash_dropped_groups=c["crash_dropped_group_tokens"],
+                             untrained_at_end=sum(self.group_tokens.values()),
+                             in_flight_at_end=generated - c["received_tokens"])
 
     def timeline(self) -> dict:
         return {"trainer": self.trainer_busy,

@@ -29,7 +29,10 @@ class RLConfig:
     out_dir: str = f("out/rl", "run directory: ckpt/, metrics.jsonl, reward_vs_time.png")
     seed: int = f(1337, "one seed: tasks, sampling (per (seed, group_id)), init")
     mode: str = f("async", "async (workers run ahead up to --max-staleness versions) or sync (η = 0)")
-    env: str = f("code", "code (the sandboxed judge; where the tiny model learns), math, agent or mix (all three)")
+    env: str = f("code", "code (the sandboxed judge; where the tiny model learns), code_mt (multi-turn code: failing "
+                         "tests fed back, up to --max-turns attempts), math, agent or mix (math, code, agent)")
+    max_turns: int = f(3, "code_mt: attempts per episode (the first plus max_turns - 1 revisions after feedback)")
+    turn_discount: float = f(1.0, "code_mt: reward of a pass at attempt k is turn_discount^(k-1) (1.0 = no discount)")
     # processes, backend and devices
     backend: str = f("mp", "mp (worker processes on this machine) or ray (the workers and the learner as Ray actors)")
     ray_address: str = f("", "--backend ray: join this running cluster ('auto' or host:port); empty = start a local "
@@ -54,10 +57,13 @@ class RLConfig:
                                       "(logits / T), so the IS ratio compares like with like")
     # staleness and weights
     max_staleness: int = f(2, "η: admit a group only while submitted ≤ (η + v + 1)·B (async mode)")
-    drop_tau: int = f(-1, "τ: drop samples whose oldest segment is more than τ versions old (-1 = off)")
+    drop_tau: int = f(-2, "τ: drop samples whose oldest segment is more than τ versions old (GLM-5 §4.1). -2 (default): "
+                          "τ = --max-staleness, η's bound enforced under every --order (fifo admission already keeps "
+                          "it, so there it drops nothing); -1 = off")
     order: str = f("fifo", "batch order: fifo (group_id order, staleness ≤ η) or ready (no head-of-line wait)")
     push_every: int = f(1, "K: optimizer steps per weight push (one rollout batch = K·B groups)")
-    reset_optimizer: bool = f(False, "clear the optimizer state after each weight push (GLM-5 §4.1)")
+    reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; on as GLM-5, not "
+                                    "measured here against --no-reset-optimizer)")
     partial_rollout: bool = f(False, "workers swap in newer weights mid-trajectory (per-segment versions)")
     pull_every: int = f(8, "decode steps between relay polls with --partial-rollout")
     repack: bool = f(False, "dynamic repackaging: long groups go to --long-workers dedicated workers")
@@ -100,16 +106,21 @@ class RLConfig:
     progress: bool = f(True, "tqdm progress bar")
 
     def resolved(self) -> RLConfig:
-        """--mode sync is the same code with η = 0 and group-id order (η = 0 is the synchronous schedule)."""
+        """--mode sync is the same code with η = 0 and group-id order (η = 0 is the synchronous schedule); the
+        default τ (-2) becomes η."""
         if self.mode not in ("async", "sync"):
             raise ValueError(f"--mode {self.mode!r}: choose async or sync")
-        if self.mode == "sync":
-            return replace(self, max_staleness=0, order="fifo")
-        return self
+        c = replace(self, max_staleness=0, order="fifo") if self.mode == "sync" else self
+        if c.drop_tau == -2:  # τ = η: a sample is never older than the admission bound allows (GLM-5 §4.1's τ-drop)
+            c = replace(c, drop_tau=c.max_staleness)
+        return c
 
     def validate(self) -> None:
         checks = [
-            (self.env in ("math", "code", "agent", "mix"), "--env", "choose math, code, agent or mix"),
+            (self.env in ("math", "code", "code_mt", "agent", "mix"), "--env", "choose math, code, code_mt, agent or mix"),
+            (self.max_turns >= 1, "--max-turns", "use at least 1 attempt (3 or more lets the model revise)"),
+            (0.0 < self.turn_discount <= 1.0, "--turn-discount", "use a factor in (0, 1] (1.0 = no discount)"),
+            (self.drop_tau >= -2, "--drop-tau", "use -2 (τ = --max-staleness), -1 (off) or τ >= 0"),
             (self.loss in KINDS, "--loss", f"choose one of {KINDS}"),
             (self.agg in AGGS, "--agg", f"choose one of {AGGS}"),
             (self.order in ("fifo", "ready"), "--order", "choose fifo or ready"),

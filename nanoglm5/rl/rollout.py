@@ -50,7 +50,7 @@ from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.model import cast_model
 from nanoglm5.rl.buffer import Group, Lease, Trajectory
-from nanoglm5.rl.envs import make_env
+from nanoglm5.rl.envs import EnvCrash, make_env
 from nanoglm5.rl.learner import build_policy
 from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, Stop, WorkerFailed, WorkerStats
 from nanoglm5.rl.rl_config import RLConfig
@@ -63,10 +63,12 @@ def sample_seed(seed: int, group_id: int, index: int, turn: int = 0) -> int:
 
 
 def make_envs(cfg: RLConfig) -> dict:
-    """One instance per environment name; the agent env gets the latency knob."""
+    """One instance per environment name; the agent env gets the latency knob, code_mt its turns."""
     return {
         "math": make_env("math"),
         "code": make_env("code", allow_unsandboxed=cfg.allow_unsandboxed),
+        "code_mt": make_env("code_mt", max_turns=cfg.max_turns, turn_discount=cfg.turn_discount,
+                            allow_unsandboxed=cfg.allow_unsandboxed),
         "agent": make_env("agent", latency_median_s=cfg.env_latency_s),
     }
 
@@ -90,6 +92,7 @@ class _Sample:
     env_s: float = 0.0
     judging: bool = False  # fully generated; only the final judge call is outstanding
     sandboxed: bool | None = None  # the code judge ran the program inside bubblewrap (None: no program ran)
+    env_error: str = ""  # the environment failed on this sample (envs.EnvCrash): no reward signal, filtered out
 
 
 @dataclass(eq=False)
@@ -194,7 +197,7 @@ class Rollout:
             new = new[:-1]
         text = self.tok.decode(new)  # shown to the environment only; never re-encoded
         task, env = smp.group.task, self.envs[smp.group.task.env]
-        if task.env == "agent":
+        if hasattr(env, "step"):  # multi-turn (agent, code_mt): the environment answers or ends the episode
             fut = self.pool.submit(_timed, env.step, task, smp.state, text)
             self.pending.append((fut, smp, "step"))
         else:
@@ -241,13 +244,20 @@ class Rollout:
             if not fut.done():
                 still.append((fut, smp, kind))
                 continue
-            result, dt = fut.result()  # an exception in a judge is a bug: let it surface
+            try:
+                result, dt = fut.result()  # any other exception in a judge is a bug: let it surface
+            except EnvCrash as e:  # the environment failed, not the policy: marked, filtered by the controller
+                smp.env_error, smp.judging = str(e), False
+                self._finish(smp, 0.0, "env_error")
+                continue
             smp.env_s += dt
             if kind == "reward":
                 reward, smp.sandboxed = result
                 self._finish(smp, reward, "done")
             else:
                 obs, done, reward = result
+                if smp.state is not None and smp.state.get("sandboxed") is not None:
+                    smp.sandboxed = smp.state["sandboxed"]
                 if done:
                     self._finish(smp, reward, "done")
                 elif len(smp.tokens) + 1 >= self.cfg.max_len:
@@ -264,7 +274,9 @@ class Rollout:
             trajs = [Trajectory(s.tokens, s.logprobs, s.mask, s.reward, s.versions,
                                 meta={"turns": s.turn + 1, "env_s": round(s.env_s, 4), "finish": s.finish,
                                       "sandboxed": s.sandboxed,
-                                      "gen_s": round(time.time() - g.t_start, 4)})
+                                      "gen_s": round(time.time() - g.t_start, 4),
+                                      **({"env_error": s.env_error} if s.env_error else {})},
+                                env_error=bool(s.env_error))
                      for s in g.samples]
             out.append(Group(gid, g.lease.attempt, trajs, g.task.task_id))
         return out
