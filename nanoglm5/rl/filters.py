@@ -19,10 +19,8 @@ Simplified: which valid samples repeat is not in the report; here they repeat in
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # buffer.py imports this module (the τ-drop test)
-    from nanoglm5.rl.buffer import Group, Trajectory
+# Group and Trajectory (nanoglm5/rl/buffer.py) appear in annotations only, unimported: buffer.py imports this module
 
 
 def is_stale(t: Trajectory, trainer_version: int, tau: int | None) -> bool:
