@@ -60,7 +60,8 @@ def stage_train(args, dev) -> dict:
 
 def _model(args, dev, dtype):
     from nanoglm5.config import ModelConfig
-    from nanoglm5.model import GLM5, cast_model
+    from nanoglm5.model import GLM5
+    from nanoglm5.precision import cast_model
 
     torch.manual_seed(0)
     return cast_model(GLM5(ModelConfig.preset(args.preset)), dev, dtype).eval()  # routers stay fp32

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from nanoglm5.config import ModelConfig
 from nanoglm5.data.tokenizer import Tokenizer, hf_tokenizer_config
 from nanoglm5.int4 import Int4Experts, Int4Linear, QuantConfig, quant_targets, set_module
-from nanoglm5.model import GLM5, Experts, MTPLayer, cast_model
+from nanoglm5.model import GLM5, Experts, MTPLayer
+from nanoglm5.precision import cast_model
 
 
 class CheckpointError(RuntimeError):

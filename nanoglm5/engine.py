@@ -38,7 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoglm5.decode import Decoder
-from nanoglm5.model import GLM5, TIE_BREAKS, autocast_off, cast_model
+from nanoglm5.model import GLM5, TIE_BREAKS, autocast_off
+from nanoglm5.precision import cast_model
 from nanoglm5.sampling import SamplingParams, draw, sample, sampling_logprobs  # noqa: F401 (re-exported)
 from nanoglm5.speculative import MTPSpeculator
 

@@ -214,7 +214,7 @@ class QATLinear(nn.Linear):
 
     group_size: int
     scale_dtype: str
-    fp32_tensors = ("weight",)  # the master weight stays fp32 in a bf16 copy (model.cast_model): QAT rounds it
+    fp32_tensors = ("weight",)  # the master weight stays fp32 in a bf16 copy (precision.cast_model): QAT rounds it
 
     @property
     def weight(self):

@@ -5,10 +5,8 @@ multi-token prediction (DeepSeek-V3 §2.2), first layers dense, as GLM-5 (arXiv 
 Read top to bottom: RMSNorm → RoPE → Indexer → MLA attention (dense masked path + gathered sparse
 path + absorbed MQA form) → MLP → Router/Experts/MoE → Block → MTP → GLM5.
 
-Weights are named as in HF `GlmMoeDsaForCausalLM` (without the `model.` prefix), so the
-converter in checkpoint.py is a rename, and logits equal the reference on the same weights.
-Aux losses and statistics are returned from `forward` in `ModelOutput`, never kept in globals.
-"""
+Weights are named as in HF `GlmMoeDsaForCausalLM` (no `model.` prefix): checkpoint.py's converter is a rename, and
+logits equal the reference's on the same weights. Aux losses and statistics come back in `ModelOutput`, never globals."""
 
 import contextlib
 from dataclasses import dataclass
@@ -36,9 +34,8 @@ class RMSNorm(nn.Module):
 
 
 def autocast_off(device: torch.device):
-    """A block whose ops run in the dtype of their inputs: autocast off for the device. Under torch.autocast
-    F.linear and matmul cast even fp32 inputs to bf16, so "routing in fp32" needs this as well as .float().
-    Outside autocast it changes nothing (fp32 results stay bit for bit)."""
+    """Autocast off for the device: under autocast F.linear/matmul cast even fp32 inputs to bf16, so "routing in
+    fp32" needs this as well as .float(); outside autocast it changes nothing (fp32 results stay bit for bit)."""
     if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors: no autocast to turn off
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
@@ -344,10 +341,8 @@ def _warn_once(msg: str):
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's when it is on for x's device, else x's own."""
-    if x.dtype.is_floating_point and torch.amp.is_autocast_available(x.device.type) \
-            and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    on = x.dtype.is_floating_point and torch.amp.is_autocast_available(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on and torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class Experts(nn.Module):
@@ -377,9 +372,8 @@ class Experts(nn.Module):
         return out
 
     def forward(self, x, gates, idx):
-        """Grouped dispatch: sort the (token, expert) pairs by expert, two grouped matmuls, scatter back.
-        Under autocast the matmuls run in the autocast dtype, as the loop's F.linear would (autocast does not
-        cast _grouped_mm's inputs, and the residual stream it sees is fp32); the result comes back in x's dtype."""
+        """Grouped dispatch: sort (token, expert) pairs by expert, two grouped matmuls, scatter back. Under autocast
+        in its dtype, as the loop's F.linear (autocast does not cast _grouped_mm's inputs); returns x's dtype."""
         dt = compute_dtype(x)
         if not hasattr(torch, "_grouped_mm") or (x.device.type == "cuda" and dt == torch.float32):
             _warn_once("torch._grouped_mm unavailable for this device/dtype: MoE falls back to the per-expert loop")
@@ -604,22 +598,3 @@ class GLM5(nn.Module):
     def num_params(self, include_mtp: bool = False) -> int:
         n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
         return n
-
-
-def cast_model(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """model.to(device, dtype), in place, keeping in fp32 what the code computes in fp32: each module's
-    `fp32_tensors` (the routers' weight and bias; QAT's master weights, int4.py, so the fake quantizer
-    rounds the learner's fp32 weights, not bf16 copies of them). The rollout workers, the engine, load_hf
-    and bench/gpu.py cast with this. dtype None: model.to(device)."""
-    if dtype is None:
-        return model.to(device)
-    keep = set()
-    for m in model.modules():
-        for name in getattr(m, "fp32_tensors", ()):
-            t = m._parameters.get(name, m._buffers.get(name))  # the tensor itself (QATLinear.weight is a property)
-            if t is not None:
-                keep.add(id(t))
-    for t in list(model.parameters()) + list(model.buffers()):
-        to = (torch.float32 if id(t) in keep else dtype) if t.is_floating_point() else t.dtype
-        t.data = t.data.to(device=device, dtype=to)
-    return model

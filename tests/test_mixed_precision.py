@@ -12,7 +12,8 @@ import nanoglm5.model as model_module
 from nanoglm5.config import ModelConfig
 from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.int4 import fake_quant_int4, prepare_qat
-from nanoglm5.model import GLM5, Experts, Indexer, Router, cast_model
+from nanoglm5.model import GLM5, Experts, Indexer, Router
+from nanoglm5.precision import cast_model
 from nanoglm5.rl.learner import build_policy, policy_config, sequence_logprobs
 
 BF16 = torch.bfloat16

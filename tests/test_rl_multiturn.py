@@ -1,4 +1,4 @@
-"""The multi-turn code environment (envs.MultiTurnCodeEnv) and GLM-5's async filters (rl/filters.py, arXiv
+"""The multi-turn code environment (envs.MultiTurnCodeEnv) and GLM-5's async filters (rl/async_rules.py, arXiv
 2602.15763 §4.1): a scripted policy feeds the environment its turns; hostile programs are wrong answers, not
 environment crashes; observation tokens carry loss mask 0; τ-drop, the crash filter with its padding, and the
 wasted-token accounting on constructed groups. Programs run in the real bubblewrap sandbox."""
@@ -16,7 +16,7 @@ from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl import envs as envs_mod
 from nanoglm5.rl.buffer import Group, Lease, ReplayBuffer, Trajectory
 from nanoglm5.rl.envs import EnvCrash, MultiTurnCodeEnv, make_env
-from nanoglm5.rl.filters import filter_crashed, generated_tokens, is_stale, tau_drop, wasted_tokens
+from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, is_stale, tau_drop, wasted_tokens
 from nanoglm5.rl.rl_config import RLConfig
 from nanoglm5.rl.rollout import Rollout, make_envs
 from nanoglm5.rl.sandbox import bwrap_available

@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from nanoglm5.rl.filters import generated_tokens, is_stale
+from nanoglm5.rl.async_rules import generated_tokens, is_stale
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Trajectory:
                it on arrival (learner.attach_advantages), before any τ-drop removes samples.
     meta:      free-form (turn count, env latency, finish reason...).
     env_error: the environment itself failed on this sample (sandbox did not start, judge timeout before
-               the program ran), so its reward says nothing about the policy; filters.filter_crashed
+               the program ran), so its reward says nothing about the policy; async_rules.filter_crashed
                removes it (GLM-5 §4.1). A wrong or hostile program is reward 0, not an env error.
     """
 

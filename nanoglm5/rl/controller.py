@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl.buffer import Group, ReplayBuffer
 from nanoglm5.rl.evaluation import evaluate, judged_line, plot_reward_vs_time
-from nanoglm5.rl.filters import filter_crashed, generated_tokens, wasted_tokens
+from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.learner import Learner, attach_advantages, load_policy, policy_config
 from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, WorkerFailed, WorkerStats
 from nanoglm5.rl.ray_transport import RayTransport
@@ -209,7 +209,7 @@ class Controller:
                 self._error = f"rollout worker {w.wid} sent an unknown message {type(msg).__name__}"
 
     def _commit(self, w: _Worker, g: Group, st: WorkerStats) -> None:
-        """A finished group: env-crashed samples out (the group padded or dropped: filters.filter_crashed), advantages
+        """A finished group: env-crashed samples out (the group padded or dropped: async_rules.filter_crashed), advantages
         over what is left, then commit (or discard if its lease is gone)."""
         received = g
         tokens = sum(t.n_loss_tokens for t in g.trajectories)
@@ -341,7 +341,7 @@ class Controller:
                 if time.time() > deadline:  # checked first: in async mode a batch is usually ready already
                     return None
                 before = set(self.buffer.trained)
-                batch = self.buffer.take_batch(None, self.version)  # τ-drop inside (filters.is_stale)
+                batch = self.buffer.take_batch(None, self.version)  # τ-drop inside (async_rules.is_stale)
                 if batch is not None:
                     for gid in self.buffer.trained - before:  # trained (or τ-emptied): no longer waiting
                         self.group_tokens.pop(gid, None)
@@ -441,7 +441,7 @@ class Controller:
                 "trainer_idle_frac": 1 - sum(e - s for s, e in self.trainer_busy) / wall,
                 "rollout_idle_frac": max(0.0, 1 - busy_w / (wall * max(1, len(self.workers)))),
                 "staleness_hist": dict(sorted(stale.items())),
-                # generated but never trained, every cause (filters.wasted_tokens): late/duplicate groups, τ-dropped
+                # generated but never trained, every cause (async_rules.wasted_tokens): late/duplicate groups, τ-dropped
                 # and env-crashed samples, crash-dropped and given-up groups, groups left untrained at the end
                 "wasted_token_frac": waste["frac"], "wasted_tokens": waste,
                 "env_error_samples": self.counters["env_error_samples"],

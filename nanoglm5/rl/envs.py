@@ -60,7 +60,7 @@ from nanoglm5.rl.judge import CallsResult, run_calls
 
 class EnvCrash(RuntimeError):
     """The environment failed, not the policy: the sample carries no reward signal (rollout marks it
-    `env_error` and filters.filter_crashed removes it). Never raised for anything a program does."""
+    `env_error` and async_rules.filter_crashed removes it). Never raised for anything a program does."""
 
 
 def _judge_calls(code: str, task: Task, timeout_s: float, memory_mb: int, allow_unsandboxed: bool) -> CallsResult:

@@ -48,7 +48,7 @@ import torch
 from nanoglm5.data.tasks import Task
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
-from nanoglm5.model import cast_model
+from nanoglm5.precision import cast_model
 from nanoglm5.rl.buffer import Group, Lease, Trajectory
 from nanoglm5.rl.envs import EnvCrash, make_env
 from nanoglm5.rl.learner import build_policy
