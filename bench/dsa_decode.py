@@ -11,24 +11,14 @@ dense attention.
 """
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from bench.model import timeit
 from bench.report import machine, write_section
 from nanoglm5.config import ModelConfig
 from nanoglm5.model import Attention, rope_cos_sin
-
-
-def timeit(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 @torch.no_grad()
