@@ -1,14 +1,15 @@
 """Mixed precision on the CPU, as a GPU runs it: bf16 weights and torch.autocast (CPU bf16 here, CUDA bf16 on
 a GPU) take the same code paths. What the code computes in fp32 stays true fp32 under autocast (the router's
 sigmoid scores, its bias, the DSA index scores); the grouped MoE dispatch is kept; a bf16 worker copy keeps
-the routers and QAT's master weights fp32; the learner's log-probs under autocast match the engine's.
-Tiny preset, random init, seeded.
+the routers and QAT's master weights fp32; the learner's log-probs under autocast match the engine's; a bf16
+engine's log-probs match the fp32 model's within bf16 rounding. Tiny preset, random init, seeded.
 """
+
+import copy
 
 import pytest
 import torch
 
-import nanoglm5.model as model_module
 from nanoglm5.config import ModelConfig
 from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.int4 import fake_quant_int4, prepare_qat
@@ -166,3 +167,30 @@ def test_learner_logprobs_under_autocast_match_the_engine():
         lp = sequence_logprobs(model, ids)[:, 47:]  # predictions of the generated tokens
     gap = (lp - mu).abs()
     assert gap.mean() < 0.05 and gap.max() < 0.5, (gap.mean(), gap.max())
+
+
+# bf16 engine vs the fp32 model it was cast from, per sampled token: bf16 keeps 8 significant bits, so every weight,
+# cached latent and activation is rounded by up to 2^-9 (0.2 %) relative; over the tiny model's 4 layers that moves
+# a log-prob by ~0.01 on average (measured 0.009 plain and 0.015 with MTP, max 0.04 and 0.10 over 32 tokens). 0.05 and
+# 0.3 are those with room; a bf16-only bug (a norm skipped, a stale cache row, another expert or DSA key) moves them
+# by O(1).
+BF16_LOGPROB_MEAN_TOL, BF16_LOGPROB_MAX_TOL = 0.05, 0.3
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"], ids=["plain", "mtp"])
+def test_bf16_engine_logprobs_match_the_fp32_model(speculative):
+    """The GPU default precision on CPU (bf16 weights and cache; fp32 routing, index scores and sampling): the
+    log-probs a bf16 engine records for the tokens it samples equal the fp32 model's on the same ids within bf16
+    rounding, with and without MTP speculation."""
+    fp32 = _model().eval()
+    engine = Engine(cast_model(copy.deepcopy(fp32), "cpu", BF16), max_batch=2, dtype=BF16, speculative=speculative,
+                    tie_break="stable", graphs="off")
+    assert engine.cache.kv.dtype == BF16 and engine.model.embed_tokens.weight.dtype == BF16
+    prompts = _ids(fp32.config, B=2, T=48).tolist()
+    done = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=1.0, seed=0))
+    ids = torch.tensor([p + c.token_ids for p, c in zip(prompts, done)])
+    mu = torch.tensor([c.logprobs for c in done])  # (2, 16)
+    with torch.no_grad():
+        lp = sequence_logprobs(fp32, ids)[:, 47:]  # the fp32 model's predictions of the sampled tokens
+    gap = (lp - mu).abs()
+    assert gap.mean() < BF16_LOGPROB_MEAN_TOL and gap.max() < BF16_LOGPROB_MAX_TOL, (gap.mean(), gap.max())

@@ -15,7 +15,13 @@ import sys
 import pytest
 import torch
 from conftest import require
-from test_rl_system import _cfg, kill_busiest_then_finish
+from test_rl_system import (
+    _cfg,
+    assert_training_moved,
+    coin_checkpoint,
+    coin_controller,
+    kill_busiest_then_finish,
+)
 
 import rl
 from bench.toy import toy_checkpoint
@@ -42,10 +48,17 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mp_run(ckpt, tmp_path_factory):
-    """The reference: --backend mp, sync, STEPS steps."""
-    ctl = Controller(_cfg(ckpt, tmp_path_factory.mktemp("mp"), mode="sync", max_steps=STEPS), quiet=True)
+def coin(tmp_path_factory):
+    """test_rl_system.coin_checkpoint: groups with rewards 0 and 1, so the compared updates move the weights."""
+    return str(coin_checkpoint(tmp_path_factory.mktemp("rl_ray_coin")))
+
+
+@pytest.fixture(scope="module")
+def mp_run(coin, tmp_path_factory):
+    """The reference: --backend mp, sync, STEPS steps, on coin tasks (test_rl_system.CoinTasks)."""
+    ctl = coin_controller(_cfg(coin, tmp_path_factory.mktemp("mp"), mode="sync", max_steps=STEPS))
     ctl.run()
+    assert_training_moved(ctl, "--backend mp")
     return ctl
 
 
@@ -63,9 +76,10 @@ def _same_weights(a, b, what):
 
 
 @pytest.mark.slow
-def test_sync_ray_trains_the_same_weights_as_mp(ray_cluster, ckpt, mp_run, tmp_path):
-    ctl = Controller(_cfg(ckpt, tmp_path / "ray", mode="sync", max_steps=STEPS, backend="ray"), quiet=True)
+def test_sync_ray_trains_the_same_weights_as_mp(ray_cluster, coin, mp_run, tmp_path):
+    ctl = coin_controller(_cfg(coin, tmp_path / "ray", mode="sync", max_steps=STEPS, backend="ray"))
     ctl.run()
+    assert_training_moved(ctl, "--backend ray")
     assert [h["group_ids"] for h in ctl.history] == [h["group_ids"] for h in mp_run.history]
     assert [h["loss"] for h in ctl.history] == [h["loss"] for h in mp_run.history]
     _same_weights(ctl, mp_run, "--backend ray differs from --backend mp")
@@ -86,12 +100,12 @@ def test_killed_worker_actor_group_requeued_at_once_and_trained_once(ray_cluster
 
 
 @pytest.mark.slow
-def test_resume_after_the_controller_stops_reaches_the_uninterrupted_result(ray_cluster, ckpt, mp_run, tmp_path):
+def test_resume_after_the_controller_stops_reaches_the_uninterrupted_result(ray_cluster, coin, mp_run, tmp_path):
     """Train 2 steps, save, train a third that is never saved, stop (as a crash would); --resume auto continues
     from the step-2 checkpoint (the in-flight leases re-issued) to STEPS steps. (a) showed --backend mp gives the
     uninterrupted run's weights, so mp_run is the reference."""
     out = tmp_path / "r"
-    first = Controller(_cfg(ckpt, out, mode="sync", max_steps=STEPS, backend="ray"), quiet=True)
+    first = coin_controller(_cfg(coin, out, mode="sync", max_steps=STEPS, backend="ray"))
     first.start()
     try:
         for _ in range(2):
@@ -100,8 +114,9 @@ def test_resume_after_the_controller_stops_reaches_the_uninterrupted_result(ray_
         first.train_one()  # lost with the crash
     finally:
         first.stop()
-    second = Controller(_cfg(ckpt, out, mode="sync", max_steps=STEPS, backend="ray", resume="auto"), quiet=True)
+    second = coin_controller(_cfg(coin, out, mode="sync", max_steps=STEPS, backend="ray", resume="auto"))
     assert second.step == 2 and second.buffer.requeue, "the checkpoint should hold the in-flight leases"
     second.run()
+    assert_training_moved(second, "the resumed Ray run")
     assert [h["group_ids"] for h in second.history] == [h["group_ids"] for h in mp_run.history]
     _same_weights(second, mp_run, "the resumed run differs from the uninterrupted one")

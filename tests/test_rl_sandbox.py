@@ -5,8 +5,10 @@ behind, change nothing on the host and never run as root; without bubblewrap not
 the caller allowed it; and no program can forge a pass from the judge (`run_calls`).
 
 The bubblewrap cases are skipped (with the reason) where bubblewrap cannot run, except in CI
-(CI=true), where they fail. The fallback cases run as root only with an interpreter an
-unprivileged uid can read (this one, else /usr/bin/python3); without one they are skipped.
+(CI=true), where they fail. The fallback cases (no bubblewrap: the program drops to a fresh uid) run
+as root only with an interpreter an unprivileged uid can read (this one, else /usr/bin/python3,
+/usr/local/bin/python3 or python3 on PATH); without one they are skipped, except in CI, where they
+fail too: CI tests the fallback path explicitly, with use_bwrap=False, even where bubblewrap exists.
 """
 
 import functools
@@ -38,10 +40,23 @@ def _fallback_python() -> str | None:
     """An interpreter the fallback can run the program with (as root: one an unprivileged uid can read)."""
     if os.geteuid() != 0:
         return sys.executable
-    for python in (sys.executable, "/usr/bin/python3", shutil.which("python3")):
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
         if python and os.path.exists(python) and sandbox._unprivileged_problem(python) is None:
             return python
     return None
+
+
+def _fallback_python_or_skip() -> str:
+    """_fallback_python(), or skip the test (fail it in CI) naming what is missing and the fix."""
+    python = _fallback_python()
+    if python is None:
+        msg = ("running as root and no interpreter here is readable by an unprivileged uid (tried this one, "
+               "/usr/bin/python3, /usr/local/bin/python3, python3 on PATH): install one outside /root "
+               "(apt-get install python3) to test the unsandboxed fallback")
+        if IN_CI:
+            pytest.fail("CI tests the unsandboxed fallback: " + msg)
+        pytest.skip(msg)
+    return python
 
 
 def _mode(bw: bool) -> dict:
@@ -54,10 +69,7 @@ def _mode(bw: bool) -> dict:
                 pytest.fail("CI requires bubblewrap: " + msg)
             pytest.skip(msg)
         return {"use_bwrap": True}
-    python = _fallback_python()
-    if python is None:
-        pytest.skip("running as root and no interpreter here is readable by an unprivileged uid")
-    return {"use_bwrap": False, "allow_unsandboxed": True, "python": python}
+    return {"use_bwrap": False, "allow_unsandboxed": True, "python": _fallback_python_or_skip()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -280,9 +292,7 @@ def test_refuses_without_bubblewrap_unless_allowed(bwrap_path, monkeypatch, capl
     assert "not installed" in str(err.value)
     with pytest.raises(SandboxUnavailable):  # requiring bubblewrap is never overridden
         run_code("print(6 * 7)", timeout_s=2.0, use_bwrap=True, allow_unsandboxed=True)
-    python = _fallback_python()
-    if python is None:
-        pytest.skip("running as root and no interpreter here is readable by an unprivileged uid")
+    python = _fallback_python_or_skip()
     monkeypatch.setattr(sandbox, "_warned_fallback", False)
     with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
         r = run_code("print(6 * 7)", timeout_s=2.0, allow_unsandboxed=True, python=python)
@@ -303,9 +313,7 @@ def test_no_bwrap_env_var_needs_allow_unsandboxed(monkeypatch):
     monkeypatch.setenv(sandbox.NO_BWRAP_ENV, "1")
     with pytest.raises(SandboxUnavailable, match=sandbox.NO_BWRAP_ENV):
         run_code("print(6 * 7)", timeout_s=2.0)
-    python = _fallback_python()
-    if python is None:
-        pytest.skip("running as root and no interpreter here is readable by an unprivileged uid")
+    python = _fallback_python_or_skip()
     r = run_code("print(6 * 7)", timeout_s=2.0, allow_unsandboxed=True, python=python)
     assert r.ok and r.stdout.strip() == "42" and r.sandboxed is False
 

@@ -1,12 +1,15 @@
 """The RL system end to end: TITO log-probs (GLM-5 arXiv 2602.15763 §4.1.2), η=0 ≡ the synchronous reference,
 a SIGKILLed worker loses and duplicates nothing, --resume restores model, optimizer, buffer and leases.
 
-A tiny random model and a small BPE stand in for the SFT checkpoint (bench.toy.toy_checkpoint); rewards are
-mostly 0 there, so the update is driven by the IS/advantage machinery, which is what these tests check.
+A tiny random model and a small BPE stand in for the SFT checkpoint (bench.toy.toy_checkpoint). Its rewards are
+all 0, so every advantage is 0 and an update moves nothing: the tests that claim bit-equal training use the coin
+checkpoint instead (that model taught to answer 0 or 1 at random, on math tasks whose answer is 0 or 1), whose groups
+mix rewards 0 and 1, and first assert that the update moved the weights.
 """
 
 import math
 import os
+import random
 import time
 from dataclasses import replace
 
@@ -15,10 +18,11 @@ import torch
 from test_rl_buffer import _group
 
 from bench.toy import toy_checkpoint
-from nanoglm5.checkpoint import load_hf
+from nanoglm5.checkpoint import load_hf, save_hf
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl.buffer import Lease, ReplayBuffer
 from nanoglm5.rl.controller import Controller
+from nanoglm5.rl.envs import make_env
 from nanoglm5.rl.learner import Learner, attach_advantages, pad_trajectories, sequence_logprobs
 from nanoglm5.rl.rl_config import RLConfig
 from nanoglm5.rl.rollout import Rollout, sample_seed
@@ -29,6 +33,62 @@ from nanoglm5.training.state import load_trainer_state
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return str(toy_checkpoint(tmp_path_factory.mktemp("rl") / "init"))
+
+
+@pytest.fixture(scope="module")
+def coin(tmp_path_factory):
+    return str(coin_checkpoint(tmp_path_factory.mktemp("coin")))
+
+
+def coin_checkpoint(path, steps: int = 20):
+    """The toy checkpoint after a few SFT steps on math prompts answered "0" or "1" at random (seeded): a policy that
+    guesses, so a group on a task whose answer is 0 or 1 (CoinTasks) gets rewards 0 and 1, non-zero advantages."""
+    init = toy_checkpoint(path / "random")
+    model, tok = load_hf(init).train(), Tokenizer.load(init)
+    tasks, rng = make_env("math").make_tasks(64, 1, "train"), random.Random(0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        rows = [tok.render_chat(t.messages + [{"role": "assistant", "content": str(rng.randint(0, 1))}])
+                for t in rng.sample(tasks, 16)]
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.tensor([i + [tok.eos_id] * (T - len(i)) for i, _ in rows])  # (16, T)
+        targets = torch.tensor([[x if keep else -1 for x, keep in zip(i[1:], m[1:])] + [-1] * (T - len(i) + 1)
+                                for i, m in rows])  # loss on the answer and its end token only
+        opt.zero_grad()
+        model(ids, targets).lm_loss.backward()
+        opt.step()
+    return save_hf(model.eval(), path / "coin", tokenizer=tok)
+
+
+class CoinTasks:
+    """The run's TaskSource with every math task swapped for one whose answer is 0 or 1 (code and agent tasks kept)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.pool = [t for t in make_env("math").make_tasks(1000, 0, "train") if t.answer in ("0", "1")]
+
+    def __call__(self, gid):
+        task = self.inner(gid)
+        return self.pool[gid % len(self.pool)] if task.env == "math" else task
+
+    def __getattr__(self, name):  # length_hint, eval_tasks: the run's own
+        return getattr(self.inner, name)
+
+
+def coin_controller(cfg) -> Controller:
+    ctl = Controller(cfg, quiet=True)
+    ctl.tasks = CoinTasks(ctl.tasks)
+    return ctl
+
+
+def assert_training_moved(ctl, what: str) -> None:
+    """What makes "bit-equal training" a check: some step had a non-zero gradient (it is exactly 0 when every
+    advantage is 0) and the weights left the checkpoint's."""
+    assert any(h["grad_norm"] > 0 for h in ctl.history), f"{what}: every gradient was 0 (all advantages 0)"
+    init = load_hf(ctl.cfg.init_from).state_dict()
+    moved = [k for k, v in ctl.model.state_dict().items() if not torch.equal(v, init[k])]
+    assert {"embed_tokens.weight", "lm_head.weight"} <= set(moved), f"{what}: only {moved} moved from the checkpoint"
 
 
 def _cfg(ckpt, out, **kw):
@@ -145,26 +205,29 @@ def _reference_sync(cfg: RLConfig, steps: int):
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(cfg.init_from).eval(), Tokenizer.load(cfg.init_from)
-    learner, tasks = Learner(model, cfg), TaskSource(cfg)
-    B, losses = cfg.groups_per_step, []
+    learner, tasks = Learner(model, cfg), CoinTasks(TaskSource(cfg))
+    B, losses, advantages = cfg.groups_per_step, [], []
     for v in range(steps):
         ro = Rollout(model, tok, cfg, version=v)
         groups = ro.run([(Lease(g, 0, math.inf, v), tasks(g)) for g in range(v * B, (v + 1) * B)])
         ro.close()
         for g in groups:
             attach_advantages(g, cfg.std_normalize)
+            advantages += [t.advantage for t in g.trajectories]
         losses.append(learner.update(groups)["loss"])
         if cfg.reset_optimizer:  # GLM-5 §4.1, on by default: the controller clears it after each push
             learner.reset_optimizer()
-    return model, losses
+    return model, losses, advantages
 
 
 @pytest.mark.slow
-def test_eta0_async_code_path_reproduces_synchronous_run(ckpt, tmp_path):
-    cfg = _cfg(ckpt, tmp_path / "run", mode="async", max_staleness=0, max_steps=3)
-    ctl = Controller(cfg, quiet=True)
+def test_eta0_async_code_path_reproduces_synchronous_run(coin, tmp_path):
+    cfg = _cfg(coin, tmp_path / "run", mode="async", max_staleness=0, max_steps=3)
+    ctl = coin_controller(cfg)
     out = ctl.run()
-    ref_model, ref_losses = _reference_sync(ctl.cfg, 3)
+    ref_model, ref_losses, ref_adv = _reference_sync(ctl.cfg, 3)
+    assert sum(a != 0 for a in ref_adv) >= 4, f"the reference's advantages {ref_adv} should not all be 0"
+    assert_training_moved(ctl, "η = 0 async")
     assert [h["group_ids"] for h in out["history"]] == [[0, 1], [2, 3], [4, 5]]
     assert all(list(h["staleness"]) == [0] for h in out["history"])  # η = 0: every token from the trained version
     assert [h["loss"] for h in out["history"]] == ref_losses
@@ -279,18 +342,19 @@ def test_task_that_kills_its_worker_is_dropped_after_max_task_failures(ckpt, tmp
 
 
 @pytest.mark.slow
-def test_resume_restores_model_and_optimizer_exactly(ckpt, tmp_path):
+def test_resume_restores_model_and_optimizer_exactly(coin, tmp_path):
     """Sync: 2 steps + resume to 4 == 4 uninterrupted steps, bit for bit. (Next test, async: the checkpoint
     holds buffered groups / in-flight leases, and after resuming every group id is trained exactly once.)"""
     out = tmp_path / "a"
-    Controller(_cfg(ckpt, out, mode="sync", max_steps=2), quiet=True).run()
-    ctl = Controller(_cfg(ckpt, out, mode="sync", max_steps=4, resume="auto"), quiet=True)
+    coin_controller(_cfg(coin, out, mode="sync", max_steps=2)).run()
+    ctl = coin_controller(_cfg(coin, out, mode="sync", max_steps=4, resume="auto"))
     saved_opt = load_trainer_state(out / "ckpt")["optimizers"]["main"]["optimizers"][0]["state"]
     live = ctl.learner.opt.optimizers[0].state_dict()["state"]
     assert all(torch.equal(saved_opt[k]["exp_avg"], live[k]["exp_avg"]) for k in saved_opt)
     ctl.run()
-    full = Controller(_cfg(ckpt, tmp_path / "b", mode="sync", max_steps=4), quiet=True)
+    full = coin_controller(_cfg(coin, tmp_path / "b", mode="sync", max_steps=4))
     full.run()
+    assert_training_moved(full, "the uninterrupted run")
     for (k, a), b in zip(ctl.model.state_dict().items(), full.model.state_dict().values()):
         assert torch.equal(a, b), f"{k}: resumed run differs from the uninterrupted one"
 

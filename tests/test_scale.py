@@ -90,9 +90,27 @@ def test_plan_and_layout_errors():
         scale.plan(cfg, scale.Layout(pp=100))
 
 
+def test_report_counts_the_parameters_a_built_model_has():
+    """report's totals against an independent count: numel over a real GLM5(tiny)'s parameters, plus the router
+    bias, a buffer the HF convention counts; "total" leaves out the MTP layer (its parameters under mtp.)."""
+    from nanoglm5.model import GLM5
+
+    cfg = ModelConfig.preset("tiny")
+    model = GLM5(cfg)
+    n = {"main": 0, "mtp": 0, "bias_main": 0, "bias_mtp": 0}
+    for name, t in model.named_parameters():
+        n["mtp" if name.startswith("mtp.") else "main"] += t.numel()
+    for name, t in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            n["bias_mtp" if name.startswith("mtp.") else "bias_main"] += t.numel()
+    p = scale.report(cfg, 256)["params"]
+    assert p["total"] == n["main"] + n["bias_main"] and n["bias_main"] == 3 * cfg.n_routed_experts  # 3 MoE layers
+    assert p["total_without_router_bias"] == n["main"]
+    assert p["mtp"] == n["mtp"] + n["bias_mtp"]
+    assert p["total_with_mtp"] == sum(n.values())
+
+
 def test_report_and_cli(capsys):
-    r = scale.report(ModelConfig.preset("tiny"), 256)
-    assert r["params"]["total"] == ModelConfig.preset("tiny").num_params()
     with pytest.raises(ValueError, match="context=0"):
         scale.report(ModelConfig.preset("tiny"), 0)
     scale.main(["glm5_744b", "--context", "131072"])
@@ -114,3 +132,4 @@ def test_dsa_decode_reads_fewer_kv_bytes_but_stores_more():
     assert d["kv_stored_ratio"] == pytest.approx((latent + 128) / latent) and d["kv_stored_ratio"] > 1
     short = scale.dsa_cost(cfg, 1024)  # below k every key is selected: DSA reads more than dense
     assert short["kv_read_ratio"] > 1
+
