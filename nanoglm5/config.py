@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields
 # One screen from a laptop to the real model: each preset is a handful of overrides of the
 # defaults below, which are the tiny model. `glm5_744b` is zai-org/GLM-5's config.json (GLM-5, arXiv 2602.15763).
 PRESETS: dict[str, dict] = {
-    # ~2.5M parameters: trains at useful speed on a 2-core CPU; index_topk 32 ≪ seq 256, so DSA is really sparse.
+    # Sizes: 2.1M parameters here, exactly in README's table (python -m nanoglm5.scale --write-readme README.md).
+    # Trains at useful speed on a 2-core CPU; index_topk 32 ≪ seq 256, so DSA is really sparse.
     "tiny": dict(),
-    # ~20M parameters: a bigger CPU config for benchmarks ("mid-size"), or a quick GPU run.
+    # 15M parameters: a bigger CPU config for benchmarks ("mid-size"), or a quick GPU run.
     "mini": dict(
         vocab_size=8192, hidden_size=256, num_hidden_layers=6, first_k_dense_replace=1,
         num_attention_heads=8, num_key_value_heads=8, q_lora_rank=128, kv_lora_rank=64,
@@ -22,7 +23,7 @@ PRESETS: dict[str, dict] = {
         moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4,
         index_n_heads=4, index_head_dim=32, index_topk=128, max_position_embeddings=2048,
     ),
-    # ~0.4B total / ~0.1B active: one consumer GPU (24 GB) trains it in bf16 with Adam.
+    # 0.3B total / 0.1B active: one consumer GPU (24 GB) trains it in bf16 with Adam.
     "small": dict(
         vocab_size=32768, hidden_size=768, num_hidden_layers=12, first_k_dense_replace=1,
         num_attention_heads=12, num_key_value_heads=12, q_lora_rank=384, kv_lora_rank=256,

@@ -10,6 +10,8 @@ Holds, for a ModelConfig (GLM-5 arXiv 2602.15763 §2; MLA's cache, DeepSeek-V2 �
   - `plan(cfg, Layout)`: "the 744B run on paper": memory per GPU under a TP/EP/PP/DP layout (an estimate);
   - `report(cfg, context) -> dict` with all of the above, and the CLI:
         python -m nanoglm5.scale glm5_744b --context 131072 [--tp 8 --pp 8 --ep 64 --dp 8 ...]
+  - `readme_presets()`: README's table of preset sizes, counted from config.py (written by
+        python -m nanoglm5.scale --write-readme README.md).
 
 FLOP conventions (stated once, used everywhere): a multiply-add is 2 FLOPs; training = forward + backward
 = 3 × forward, so a matmul weight costs 6 FLOPs per token; embedding lookups, norms and softmax are not
@@ -24,6 +26,7 @@ sequence of length N is causal, so per-token figures average over positions t = 
 import argparse
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -295,6 +298,34 @@ def _n(n: float) -> str:
     return f"{n:.0f}"
 
 
+# README's preset table: written from config.py's presets by `--write-readme`, checked equal by tests/test_scale.py
+PRESETS_BEGIN = "<!-- presets: written by `python -m nanoglm5.scale --write-readme README.md` from config.py; do not edit by hand -->"
+PRESETS_END = "<!-- /presets -->"
+PRESET_USE = {"tiny": "CPU: the main job, tests, notebooks", "mini": "CPU benchmarks; a quick GPU run",
+              "small": "one GPU (24 GB, bf16 with Adam)", "glm5_744b": "the real GLM-5 (zai-org/GLM-5 config.json)"}
+
+
+def readme_presets() -> str:
+    """The README block: each preset's exact parameters (HF convention: no MTP, router bias counted) and what one
+    token touches, from config.py's counts."""
+    rows = ["| preset | parameters | active per token | for |", "|---|---:|---:|---|"]
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        total, active = cfg.num_params(), active_params(cfg)
+        rows.append(f"| `{name}` | {total:,} ({_n(total)}) | {active:,} ({_n(active)}) | {PRESET_USE.get(name, '')} |")
+    return "\n".join([PRESETS_BEGIN, *rows, PRESETS_END])
+
+
+def write_readme_presets(readme) -> None:
+    """Replace README's preset block (PRESETS_BEGIN … PRESETS_END) with readme_presets()."""
+    readme = Path(readme)
+    text = readme.read_text()
+    i, j = text.find(PRESETS_BEGIN), text.find(PRESETS_END)
+    if i < 0 or j < i:
+        raise SystemExit(f"{readme} has no preset block ({PRESETS_BEGIN!r} … {PRESETS_END!r}) to replace; add one")
+    readme.write_text(text[:i] + readme_presets() + text[j + len(PRESETS_END):])
+
+
 def format_report(name: str, r: dict, lay: Layout | None = None) -> str:
     p, a, f, d = r["params"], r["active"], r["train_flops_per_token"], r["dsa"]
     N = r["context"]
@@ -347,7 +378,8 @@ def format_report(name: str, r: dict, lay: Layout | None = None) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Count and cost a nanoGLM5 preset (total/active params, FLOPs, memory, KV cache, DSA).")
-    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
+    ap.add_argument("--write-readme", metavar="README", help="rewrite README's preset table from config.py and exit")
     ap.add_argument("--context", type=int, default=4096, help="context length N in tokens")
     ap.add_argument("--int4-group-size", type=int, default=128)
     ap.add_argument("--meta", action="store_true", help="also build on the meta device and check numel == analytic")
@@ -359,6 +391,10 @@ def main(argv=None):
         else:
             ap.add_argument(flag, type=type(f.default), default=None, help=f"default {f.default} for glm5_744b")
     args = ap.parse_args(argv)
+    if args.write_readme:
+        return write_readme_presets(args.write_readme)
+    if args.preset is None:
+        ap.error("name a preset (" + ", ".join(sorted(PRESETS)) + ") or pass --write-readme README.md")
     cfg = ModelConfig.preset(args.preset)
     base = Layout() if args.preset == "glm5_744b" else Layout.single_gpu()
     given = {f.name: getattr(args, f.name) for f in fields(Layout) if getattr(args, f.name) is not None}

@@ -133,3 +133,18 @@ def test_dsa_decode_reads_fewer_kv_bytes_but_stores_more():
     short = scale.dsa_cost(cfg, 1024)  # below k every key is selected: DSA reads more than dense
     assert short["kv_read_ratio"] > 1
 
+
+def test_readme_preset_table_is_the_one_config_py_gives(tmp_path):
+    """README's preset sizes are written by `python -m nanoglm5.scale --write-readme` and equal what it writes now;
+    the tiny row carries the count test_report_counts_the_parameters_a_built_model_has checks against the module."""
+    text = (ROOT / "README.md").read_text()
+    i, j = text.index(scale.PRESETS_BEGIN), text.index(scale.PRESETS_END) + len(scale.PRESETS_END)
+    assert text[i:j] == scale.readme_presets(), "README's preset table is stale: python -m nanoglm5.scale --write-readme README.md"
+    assert f"| `tiny` | {ModelConfig.preset('tiny').num_params():,} (2.12M) |" in text[i:j]
+    stale = tmp_path / "README.md"
+    stale.write_text(f"# intro\n{scale.PRESETS_BEGIN}\n| `tiny` | 2.5M |\n{scale.PRESETS_END}\nafter\n")
+    scale.main(["--write-readme", str(stale)])
+    assert stale.read_text() == f"# intro\n{scale.readme_presets()}\nafter\n"
+    stale.write_text("# no block\n")
+    with pytest.raises(SystemExit, match="no preset block"):
+        scale.main(["--write-readme", str(stale)])
