@@ -46,6 +46,17 @@ def _mtp_prefix(cfg: ModelConfig, i: int) -> str:
     return f"model.layers.{cfg.num_hidden_layers + i}."
 
 
+def hf_name(cfg: ModelConfig, name: str) -> str:
+    """One of our tensor (or module) names → its HF name; stacked experts stay stacked (to_hf_state_dict splits),
+    lm_head.weight is the caller's (it stays lm_head.weight, or is left out when tied)."""
+    m = re.match(r"mtp\.(\d+)\.(.*)", name)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        rest = rest.replace("block.", "", 1).replace("shared_head_norm.", "shared_head.norm.")
+        return _mtp_prefix(cfg, i) + rest
+    return "model." + name
+
+
 def to_hf_state_dict(model: GLM5) -> dict[str, torch.Tensor]:
     """Our state dict → HF names, stacked experts split per expert."""
     cfg = model.config
@@ -55,13 +66,7 @@ def to_hf_state_dict(model: GLM5) -> dict[str, torch.Tensor]:
             if not cfg.tie_word_embeddings:
                 out[name] = t
             continue
-        m = re.match(r"mtp\.(\d+)\.(.*)", name)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            rest = rest.replace("block.", "", 1).replace("shared_head_norm.", "shared_head.norm.")
-            hf = _mtp_prefix(cfg, i) + rest
-        else:
-            hf = "model." + name
+        hf = hf_name(cfg, name)
         e = re.match(r"(.*mlp\.experts)\.(gate_up_proj|down_proj)$", hf)
         if e:
             base, which = e.groups()
@@ -186,7 +191,7 @@ def save_hf(model: GLM5, path: str | Path, tokenizer=None, extra_files: dict | N
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
     with atomic_dir(path) as tmp:
-        _save_shards({k: v.detach().cpu() for k, v in sd.items()}, tmp, max_shard_bytes)
+        save_shards({k: v.detach().cpu() for k, v in sd.items()}, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         for name, writer in (extra_files or {}).items():
@@ -223,7 +228,8 @@ def generation_config(tok: Tokenizer, max_length: int) -> dict:
             "max_length": max_length}
 
 
-def _save_shards(sd, path: Path, max_shard_bytes: int):
+def save_shards(sd, path: Path, max_shard_bytes: int = 4 * 2**30):
+    """HF's safetensors layout: one model.safetensors, or shards of at most max_shard_bytes and their index."""
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()

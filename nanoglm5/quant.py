@@ -3,6 +3,7 @@ with its own recipe (`convert_qat`), the recipe a checkpoint was trained with (`
 converting a checkpoint directory (`convert_checkpoint`), stored sizes (`weight_bytes`), and
 
     python -m nanoglm5.quant {convert,ptq} --checkpoint DIR --out DIR2 [--layers --group-size --scale-dtype]
+    python -m nanoglm5.quant export-ct --checkpoint DIR2 --out DIR3    # compressed-tensors' format (ct_format.py)
 
 GLM-5 (arXiv 2602.15763) §2.4.3 trains with INT4 QAT in the SFT stage and serves the packed weights: since
 `convert_qat` packs with the same quantizer the fake-quant forward used (int4.py), the packed model's logits
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nanoglm5.checkpoint import load_hf, read_config, save_int4
+from nanoglm5.checkpoint import CheckpointError, load_hf, read_config, save_int4
+from nanoglm5.ct_format import export_ct
 from nanoglm5.int4 import (
     LAYERS,
     SCALE_DTYPES,
@@ -161,7 +163,13 @@ def main(argv=None):
         s.add_argument("--layers", choices=sorted(LAYERS), default=None, help="; ".join(f"{k}: {v}" for k, v in LAYERS.items()))
         s.add_argument("--group-size", type=int, default=None, help="weights per scale (default 32)")
         s.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default=None)
+    s = sub.add_parser("export-ct", help="an int4 checkpoint in compressed-tensors' pack-quantized W4A16 format "
+                                         "(transformers, vLLM, llm-compressor)")
+    s.add_argument("--checkpoint", required=True, help="int4 checkpoint directory (written by convert or ptq)")
+    s.add_argument("--out", required=True, help="where to write the compressed-tensors checkpoint directory")
     a = p.parse_args(argv)
+    if a.cmd == "export-ct":
+        return _export_ct(a.checkpoint, a.out)
     flags = {"layers": a.layers, "group_size": a.group_size, "scale_dtype": a.scale_dtype}
     try:  # flags given → that recipe (defaults for the rest); none → the checkpoint's QAT recipe, else defaults
         qc = QuantConfig(**{k: v for k, v in flags.items() if v is not None}) if any(v is not None for v in flags.values()) else None
@@ -172,6 +180,16 @@ def main(argv=None):
     print(f"wrote {r['out']} ({r['source']}): {r['int4_weights']:,} weights in int4 = {r['int4_bytes']:,} bytes "
           f"({ratio:.3f}x bf16), {r['other_params']:,} other params kept full precision; "
           f"total {r['total_bytes'] / 2**20:.2f} MiB")
+
+
+
+def _export_ct(checkpoint: str, out: str) -> None:
+    try:
+        r = export_ct(checkpoint, out)
+    except (ValueError, OSError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {r['out']}: {r['quantized_linears']:,} Linears as compressed-tensors pack-quantized int4 "
+          f"(group size {r['group_size']})")
 
 
 if __name__ == "__main__":
