@@ -175,7 +175,7 @@ class Attention(nn.Module):
         q = torch.cat([q_nope, q_rot], dim=-1)
         logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, h, T, S)
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)  # q is fp32 where RoPE left q_rot so
         out = torch.matmul(probs, v)  # (B, h, T, dv)
         return out.transpose(1, 2).reshape(B, -1, self.n_heads * self.dv), probs
 
