@@ -163,46 +163,48 @@ def _version(t: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
-class KVCache:
-    """kv (layers, slots + 1, capacity, kvl + rope + index_dim) and `lengths` (slots,) tokens held per slot.
-    Slot `slots` is scratch for padded rows. capacity = max_seq_len + headroom (speculative drafts)."""
+class PagedKVCache:
+    """The paged compressed cache: kv (layers, (num_blocks + 1) · block_size, kvl + rope + index_dim), block b
+    holding rows b·block_size .. (b+1)·block_size - 1. Position p of a sequence with block table t is row
+    t[p // block_size] · block_size + p % block_size (block_manager.py decides the tables). Block `num_blocks`
+    is scratch: padded rows of a batch, and positions no block covers, write there and are never read."""
 
-    def __init__(self, n_layers: int, slots: int, max_seq_len: int, headroom: int, width: int, device, dtype):
-        self.slots, self.max_seq_len, self.capacity = slots, max_seq_len, max_seq_len + headroom
-        self.kv = torch.zeros(n_layers, slots + 1, self.capacity, width, device=device, dtype=dtype)
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, width: int, device, dtype):
+        self.num_blocks, self.block_size, self.scratch = num_blocks, block_size, num_blocks
+        self.kv = torch.zeros(n_layers, (num_blocks + 1) * block_size, width, device=device, dtype=dtype)
         self.layers = self.kv.unbind(0)
-        self.lengths = [0] * slots
 
     def nbytes(self) -> int:
-        """Bytes requests can use: slots × max_seq_len tokens (the scratch slot and headroom not counted)."""
-        n_layers, _, _, width = self.kv.shape
-        return n_layers * self.slots * self.max_seq_len * width * self.kv.element_size()
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
+        """Bytes the blocks requests can use hold (the scratch block not counted)."""
+        n_layers, _, width = self.kv.shape
+        return n_layers * self.num_blocks * self.block_size * width * self.kv.element_size()
 
 
 # ---------------------------------------------------------------------------------------------- the forward
 class Decoder:
-    """The engine's forward. `run(stack, ids, start, slots, h_prev)` eagerly; `run_static(...)` with the batch
+    """The engine's forward. `run(stack, ids, start, tables, h_prev)` eagerly; `run_static(...)` with the batch
     padded to a bucket (CUDA graph per bucket on CUDA). stack "main" is the model; "mtp" its first MTP layer,
-    whose input is the main model's hidden state h_i and the next token x_{i+1} (model.MTPLayer)."""
+    whose input is the main model's hidden state h_i and the next token x_{i+1} (model.MTPLayer); each has its
+    own PagedKVCache, both addressed by the same block tables."""
 
-    def __init__(self, model: GLM5, max_batch: int, max_seq_len: int, headroom: int, device, sparse: bool,
-                 tie_break: str, mtp: bool):
+    def __init__(self, model: GLM5, num_blocks: int, block_size: int, max_seq_len: int, headroom: int, device,
+                 sparse: bool, tie_break: str, mtp: bool):
         cfg = self.cfg = model.config
         self.model, self.device, self.sparse, self.tie_break = model, device, sparse, tie_break
         self.dtype = model.embed_tokens.weight.dtype
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim
-        self.cache = KVCache(cfg.num_hidden_layers, max_batch, max_seq_len, headroom, width, device, self.dtype)
-        self.mtp_cache = KVCache(1, max_batch, max_seq_len, headroom, width, device, self.dtype) if mtp else None
-        cap = self.cache.capacity
-        self.ar = torch.arange(cap, device=device)
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, width, device, self.dtype)
+        self.mtp_cache = PagedKVCache(1, num_blocks, block_size, width, device, self.dtype) if mtp else None
+        self.block_size, self.capacity = block_size, max_seq_len + headroom  # positions a sequence may reach
+        cap = self.capacity
+        self.max_blocks = -(-cap // block_size)  # block-table width
+        self.ar = torch.arange(self.max_blocks * block_size, device=device)
+        self.blk, self.off = self.ar // block_size, self.ar % block_size  # position → (table column, row in block)
         # RoPE tables, built once (model.rope_cos_sin's arithmetic) and gathered once per forward for all layers:
         # query side [q_rot of every head | indexer queries], key side [k_rot | indexer key]
         dr, dI, h, HI = cfg.qk_rope_head_dim, cfg.index_head_dim, cfg.num_attention_heads, cfg.index_n_heads
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float, device=device) / dr))
-        freqs = self.ar[:, None].float() * inv_freq
+        freqs = self.ar[:cap, None].float() * inv_freq
         c2, s2 = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
         ci = torch.cat([c2, torch.ones(cap, dI - dr, device=device)], 1)
         si = torch.cat([s2, torch.zeros(cap, dI - dr, device=device)], 1)
@@ -218,13 +220,13 @@ class Decoder:
         self.refresh()
 
     # -- weights -----------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Rebuild the derived weights if any parameter or buffer changed since the last call. In place when the
-        storages did not move, so captured CUDA graphs stay valid; otherwise the graphs are dropped."""
+    def refresh(self) -> bool:
+        """Rebuild the derived weights if any parameter or buffer changed since the last call (→ True). In place
+        when the storages did not move, so captured CUDA graphs stay valid; otherwise the graphs are dropped."""
         ptrs = tuple(t.data_ptr() for t in self._state)
         key = (ptrs, tuple(_version(t) for t in self._state))
         if key == self._key:
-            return
+            return False
         new = derive_weights(self.model, self.dtype)
         if self._key is not None and ptrs == self._key[0] and self.graphs:
             for old, t in zip(_tensors_of(self.weights, []), _tensors_of(new, [])):
@@ -234,32 +236,43 @@ class Decoder:
             self.weights = new
             self.graphs.clear()
         self._key = key
+        return True
 
     # -- one forward -------------------------------------------------------------------------------
+    def _table(self, tables: list[list[int]], width: int) -> list[list[int]]:
+        """Block tables padded with the scratch block to `width` columns."""
+        pad = self.cache.scratch
+        return [t[:width] + [pad] * (width - len(t)) for t in tables]
+
     @torch.inference_mode()
-    def run(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], h_prev=None,
+    def run(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], h_prev=None,
             last: list[int] | None = None):
-        """ids (B, T) on the device, right-padded; row b holds the tokens at positions start[b]..start[b]+T-1 of
-        slot slots[b] and writes them to the cache (the caller counts only its real ones in `lengths`).
-        h_prev (B, T, H): the main model's hidden states (stack "mtp"). → hidden (B, T, H) and the logits,
+        """ids (B, T) on the device, right-padded; row b holds the tokens at positions start[b]..start[b]+T-1 of a
+        sequence with block table tables[b] and writes their keys to the cache (the caller counts only its real
+        ones). h_prev (B, T, H): the main model's hidden states (stack "mtp"). → hidden (B, T, H) and the logits,
         (B, T, V), or (B, V) at each row's index `last[b]` when given. hidden is before the final norm (main) or
         the MTP layer's normed output (what a chained draft feeds back)."""
         B, T = ids.shape
-        meta = torch.tensor([start, slots] + ([last] if last is not None else []), device=self.device)
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        rows = slice(slots[0], slots[0] + B) if contiguous else meta[1]
         S = max(start) + T
+        nb = -(-S // self.block_size)
+        meta = torch.tensor([start] + ([last] if last is not None else []), device=self.device)
+        table = torch.tensor(self._table(tables, nb), device=self.device)
+        t0 = tables[0][0] if B == 1 and tables[0] else -1
+        # one sequence whose blocks are consecutive (the common single stream): its rows are one slice, read as views
+        view = t0 * self.block_size if t0 >= 0 and tables[0][:nb] == list(range(t0, t0 + nb)) else None
         sparse = self.sparse and S > self.cfg.index_topk
-        return self._forward(stack, ids, meta[0], meta[1], rows, S, sparse, h_prev,
-                             meta[2] if last is not None else None)
+        return self._forward(stack, ids, meta[0], table, view, S, sparse, h_prev, meta[1] if last is not None else None)
 
-    def _forward(self, stack, ids, start, slot, rows, S, sparse, h_prev, last=None):
+    def _forward(self, stack, ids, start, table, view, S, sparse, h_prev, last=None):
+        """table (B, >= ceil(S / block_size)) block ids; view: the first row of a B = 1 batch's consecutive blocks
+        (its keys are kv[view : view + S]), else None (gathered through the table after each layer's write)."""
         W, (B, T) = self.weights, ids.shape
         N = B * T
         pos = (start[:, None] + self.ar[:T]).view(-1)  # (N,)
         rope = self.rope[pos].split(self.rope_split, -1)
         neg = torch.zeros(B, T, S, device=self.device).masked_fill_(self.ar[:S] > pos.view(B, T, 1), float("-inf"))
-        write = (slot[:, None].expand(B, T), pos.view(B, T))
+        rows = table[:, self.blk[:S]] * self.block_size + self.off[:S]  # (B, S): cache row of each position
+        write = (rows.gather(1, pos.view(B, T)),)  # (B, T)
         x = W.emb[ids.view(-1)]
         if stack == "mtp":
             M = W.mtp[0]
@@ -267,8 +280,7 @@ class Decoder:
             layers, cache = [M], self.mtp_cache
         else:
             layers, cache = W.layers, self.cache
-        # contiguous slots: every layer's cached rows as views, taken once; otherwise gathered after each write
-        reads = cache.kv[:, rows, :S].unbind(0) if isinstance(rows, slice) else [rows] * len(layers)
+        reads = cache.kv[:, view:view + S].unsqueeze(1).unbind(0) if view is not None else [rows] * len(layers)
         for L, kv, cached in zip(layers, cache.layers, reads):
             x = self._attention(L.attn, x, kv, write, cached, S, sparse, neg, rope, B, T)
             x = self._mlp(L.mlp, x)
@@ -293,8 +305,8 @@ class Decoder:
         W2 = dr + dI
         new = torch.cat([_rms(ckv, L.eps_kv), torch.addcmul(z[:, :W2] * ck, z[:, W2:], sk)], -1)  # [c_kv|k_rot|index key]
         kv.index_put_(write, new.view(B, T, -1))
-        if cached.dim() == 1:  # slot ids (not contiguous): gather the rows now, after the write
-            cached = kv[cached, :S]
+        if cached.dtype == torch.long:  # cache rows (B, S) through the block tables: gathered now, after the write
+            cached = kv[cached]
         latent = cached[..., : kvl + dr]
         if sparse:  # DSA: index scores over every cached key, top-k, attention over the selected latents
             iq, ikc = r[:, h * dr:], cached[..., kvl + dr:]
@@ -367,11 +379,12 @@ class Decoder:
 
     # -- static shapes: buckets and CUDA graphs -------------------------------------------------------
     @torch.inference_mode()
-    def run_static(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], bucket: int,
+    def run_static(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], bucket: int,
                    h_prev=None, capture: bool = False):
-        """`run` with the batch padded to `bucket` rows (padded rows: scratch slot, position 0) and attention over
-        the whole capacity, every input in a fixed buffer; with capture=True (CUDA) the first call per
-        (stack, T, bucket) records a CUDA graph and later calls replay it. Same outputs as `run`."""
+        """`run` with the batch padded to `bucket` rows (padded rows: position 0 in the scratch block) and attention
+        over every position a sequence may reach (the block table's full width), every input in a fixed buffer;
+        with capture=True (CUDA) the first call per (stack, T, bucket) records a CUDA graph and later calls replay
+        it. Same outputs as `run`."""
         B, T = ids.shape
         key = (stack, T, bucket)
         g = self.graphs.get(key)
@@ -379,19 +392,22 @@ class Decoder:
             H = self.cfg.hidden_size
             g = self.graphs[key] = SimpleNamespace(
                 ids=torch.zeros(bucket, T, dtype=torch.long, device=self.device),
-                meta=torch.zeros(2, bucket, dtype=torch.long, device=self.device),
+                start=torch.zeros(bucket, dtype=torch.long, device=self.device),
+                table=torch.zeros(bucket, self.max_blocks, dtype=torch.long, device=self.device),
                 h=torch.zeros(bucket, T, H, dtype=self.dtype, device=self.device) if stack == "mtp" else None,
                 graph=None, out=None)
         g.ids.zero_()
         g.ids[:B] = ids
-        g.meta.copy_(torch.tensor([start + [0] * (bucket - B), slots + [self.cache.slots] * (bucket - B)]))
+        g.start.copy_(torch.tensor(start + [0] * (bucket - B)))
+        g.table.copy_(torch.tensor(self._table(tables + [[]] * (bucket - B), self.max_blocks)))
         if h_prev is not None:
             g.h[:B] = h_prev
         if g.out is None or not capture:
             self.static = True
             try:
-                fwd = lambda: self._forward(stack, g.ids, g.meta[0], g.meta[1], g.meta[1], self.cache.capacity,  # noqa: E731
-                                            self.sparse and self.cache.capacity > self.cfg.index_topk, g.h)
+                S = self.max_blocks * self.block_size
+                fwd = lambda: self._forward(stack, g.ids, g.start, g.table, None, S,  # noqa: E731
+                                            self.sparse and S > self.cfg.index_topk, g.h)
                 if capture:
                     s = torch.cuda.Stream()
                     s.wait_stream(torch.cuda.current_stream())

@@ -30,17 +30,18 @@ preemption (admission reserves prompt + max_tokens up front, so a running reques
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from nanoglm5.block_manager import BlockManager
 from nanoglm5.decode import Decoder
 from nanoglm5.model import GLM5, TIE_BREAKS, autocast_off
 from nanoglm5.precision import cast_model
 from nanoglm5.sampling import SamplingParams, draw, sample, sampling_logprobs  # noqa: F401 (re-exported)
+from nanoglm5.scheduler import Scheduler, Sequence
 from nanoglm5.speculative import MTPSpeculator
 
 
@@ -92,27 +93,6 @@ class StepEvent(NamedTuple):
     error: str | None = None  # isolate_errors: why this request failed (token_id is then -1, no token was added)
 
 
-@dataclass(eq=False)  # compared by identity
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    gen: torch.Generator | None
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[dict[int, float]] = field(default_factory=list)
-    slot: int = -1
-    stop_bytes: int = 0  # longest stop string in bytes: how many trailing tokens to decode when checking
-    drafts: list[int] = field(default_factory=list)  # speculative: the MTP layer's draft tokens for the next step
-    q: list = field(default_factory=list)  # their draft distributions (sampled requests), (V,) probs each
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def budget(self) -> int:  # tokens this request may occupy: reserved at admission
-        return len(self.prompt) + self.params.max_tokens
-
-
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
     """Continuous batching over a compressed KV cache.
@@ -144,7 +124,8 @@ class Engine:
                  max_seq_len: int | None = None, device=None, sparse: bool = True, prefill_tokens: int = 4096,
                  tie_break: str = "stable", speculative: str | None = None, num_draft: int = 1,
                  graphs: str = "auto", graph_buckets: list[int] | None = None, dtype: torch.dtype | None = None,
-                 isolate_errors: bool = False):
+                 isolate_errors: bool = False, block_size: int = 16, prefix_caching: bool | None = None,
+                 chunked_prefill: int | None = 512):
         cfg = model.config
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break={tie_break!r}: use 'stable' (cache-consistent) or 'topk' (reference-exact)")
@@ -180,16 +161,30 @@ class Engine:
         self.isolate_errors = isolate_errors
         # drafts are written past a request's budget (then rolled back): room for the longest chain
         headroom = 2 * num_draft + 1 if speculative else 0
-        self.decoder = Decoder(self.model, max_batch, self.max_seq_len, headroom, self.device, sparse, tie_break,
-                               mtp=speculative is not None)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be an integer >= 1")
+        # the MTP layer's key at position i reads token i+1, past a block's own tokens: its blocks are not a pure
+        # function of their prefix, so speculative engines do not share prefixes
+        if prefix_caching and speculative:
+            raise ValueError("prefix_caching=True with speculative='mtp' is not supported (the MTP layer's cached key "
+                             "at a block's last position depends on the next block's first token); pick one")
+        self.prefix_caching = not speculative if prefix_caching is None else prefix_caching
+        # the pool: max_tokens_in_flight positions, never more than max_batch full-length sequences (what a
+        # contiguous cache would hold), and one sequence's draft headroom, in blocks
+        pool = min(max_tokens_in_flight, max_batch * self.max_seq_len) + headroom
+        num_blocks = -(-pool // block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, self.prefix_caching)
+        self.scheduler = Scheduler(max_batch, self.block_manager, chunked_prefill, headroom or 1)
+        self.decoder = Decoder(self.model, num_blocks, block_size, self.max_seq_len, headroom, self.device, sparse,
+                               tie_break, mtp=speculative is not None)
         self.cache = self.decoder.cache
         self.spec = MTPSpeculator(self) if speculative else None
-        self.waiting: deque[_Request] = deque()
-        self.running: dict[str, _Request] = {}
-        self.free_slots = list(range(max_batch))
+        self.waiting, self.running = self.scheduler.waiting, self.scheduler.running
+        self.free_slots = self.scheduler.free_slots
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.drafted = self.accepted = 0  # speculative decoding, over the engine's life
+        self.prompt_tokens = self.prefill_computed = 0  # tokens admitted as prompts / computed by prefills
 
     @property
     def acceptance_rate(self) -> float:
@@ -205,7 +200,17 @@ class Engine:
 
     @property
     def tokens_in_flight(self) -> int:
-        return sum(r.budget for r in self.running.values())
+        """Cache positions the running sequences hold (blocks in use × block size; shared blocks once)."""
+        bm = self.block_manager
+        return len({b for r in self.running.values() for b in r.blocks}) * bm.block_size
+
+    def stats(self) -> dict:
+        """Engine counters over its life: prompt tokens of the requests added, prefill tokens computed (a preempted
+        request's recompute included), cache-hit tokens and hit rate (cached / looked-up tokens at each admission),
+        preemptions."""
+        bm = self.block_manager
+        return {"prompt_tokens": self.prompt_tokens, "prefill_computed": self.prefill_computed,
+                "cache_hit_tokens": bm.hits, "hit_rate": bm.hit_rate, "preemptions": self.scheduler.preemptions}
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -243,8 +248,9 @@ class Engine:
         if p.temperature > 0:
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (), generator=self._seed_gen))
             gen = torch.Generator(self.device).manual_seed(seed)
-        req = _Request(rid, prompt, p, gen, stop_bytes=max((len(s.encode()) for s in p.stop), default=0))
+        req = Sequence(rid, prompt, p, gen, stop_bytes=max((len(s.encode()) for s in p.stop), default=0))
         self.waiting.append(req)
+        self.prompt_tokens += len(prompt)
         return rid
 
     def has_unfinished(self) -> bool:
@@ -256,7 +262,7 @@ class Engine:
             if r.id == request_id:
                 self.waiting.remove(r)
                 return True
-        r = self.running.pop(request_id, None)
+        r = self.running.get(request_id)
         if r is not None:
             self._free(r)
         return r is not None
@@ -268,24 +274,10 @@ class Engine:
             self.abort(rid)
         return ids
 
-    def _free(self, r: _Request) -> None:
-        self.cache.free(r.slot)
-        if self.decoder.mtp_cache is not None:
-            self.decoder.mtp_cache.free(r.slot)
-        self.free_slots.append(r.slot)
-        self.free_slots.sort()  # lowest slots first: running requests stay contiguous, read as views
+    def _free(self, r: Sequence) -> None:
+        self.scheduler.remove(r)
 
-    # -- the scheduler ---------------------------------------------------------------------------
-    def _admit(self) -> list[_Request]:
-        admitted, in_flight = [], self.tokens_in_flight
-        while self.waiting and self.free_slots and in_flight + self.waiting[0].budget <= self.max_tokens_in_flight:
-            r = self.waiting.popleft()
-            r.slot = self.free_slots.pop(0)
-            in_flight += r.budget
-            self.running[r.id] = r
-            admitted.append(r)
-        return admitted
-
+    # -- the loop ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         # the engine's dtype is its weights' and its routing and index scores are fp32 (decode.py): a caller's
@@ -294,18 +286,17 @@ class Engine:
             return self._step()
 
     def _step(self) -> list[StepEvent]:
-        self.decoder.refresh()  # the weights may have changed since the last step
-        admitted = self._admit()
-        new = {r.id for r in admitted}
-        decoding = [r for r in self.running.values() if r.id not in new]
+        if self.decoder.refresh():  # the weights changed: keys cached by the old ones serve no new request
+            self.block_manager.reset_prefix_cache()
+        prefill, decoding = self.scheduler.schedule()
         events = []
         # prefill in right-padded groups of similar length, each at most prefill_tokens padded tokens
-        group: list[_Request] = []
-        for r in sorted(admitted, key=lambda r: len(r.prompt)):
-            if group and (len(group) + 1) * len(r.prompt) > self.prefill_tokens:
+        group: list[tuple[Sequence, int]] = []
+        for r, n in sorted(prefill, key=lambda rn: rn[1]):
+            if group and (len(group) + 1) * n > self.prefill_tokens:
                 events += self._prefill(group)
                 group = []
-            group.append(r)
+            group.append((r, n))
         if group:
             events += self._prefill(group)
         if decoding:
@@ -313,43 +304,52 @@ class Engine:
             events += self.spec.decode(decoding) if self.spec else self._decode(decoding)
         return events
 
-    def run(self, stack: str, ids: torch.Tensor, reqs: list[_Request], start: list[int], h_prev=None, last=None,
+    def run(self, stack: str, ids: torch.Tensor, reqs: list[Sequence], start: list[int], h_prev=None, last=None,
             decode=True):
         """One forward of `stack` ("main" or "mtp") for reqs, ids (B, T) at positions start[b]...; decode-sized
         batches go through the graph buckets. → hidden (B, T, H), logits (B, T, V) (or (B, V) at `last`)."""
-        slots = [r.slot for r in reqs]
+        tables = [r.blocks for r in reqs]
         B = len(reqs)
         if decode and self.graphs != "off" and B <= self.graph_buckets[-1]:
             bucket = next(b for b in self.graph_buckets if b >= B)
-            hidden, logits = self.decoder.run_static(stack, ids, start, slots, bucket, h_prev,
+            hidden, logits = self.decoder.run_static(stack, ids, start, tables, bucket, h_prev,
                                                      capture=self.graphs == "cuda")
             if last is not None:
                 logits = logits[torch.arange(B, device=self.device), torch.tensor(last, device=self.device)]
             return hidden, logits
-        return self.decoder.run(stack, ids, start, slots, h_prev, last)
+        return self.decoder.run(stack, ids, start, tables, h_prev, last)
 
-    def _prefill(self, reqs: list[_Request]) -> list[StepEvent]:
-        T = max(len(r.prompt) for r in reqs)
-        ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
-        hidden, logits = self.run("main", ids, reqs, [0] * len(reqs), last=[len(r.prompt) - 1 for r in reqs],
-                                  decode=False)
-        for r in reqs:
-            self.cache.lengths[r.slot] = len(r.prompt)
-        events = self._sample(reqs, logits)
+    def _prefill(self, group: list[tuple[Sequence, int]]) -> list[StepEvent]:
+        """Compute n tokens of each sequence from its `computed` on; those whose prompt is then complete sample."""
+        reqs, T = [r for r, _ in group], max(n for _, n in group)
+        start = [r.computed for r in reqs]
+        fed = [r.tokens[c:c + n] for (r, n), c in zip(group, start)]
+        ids = torch.tensor([f + [0] * (T - len(f)) for f in fed], device=self.device)
+        hidden, logits = self.run("main", ids, reqs, start, last=[n - 1 for _, n in group], decode=False)
+        for r, n in group:
+            r.computed += n
+            self.prefill_computed += n
+            self.block_manager.register(r)
+        done = [b for b, r in enumerate(reqs) if r.computed == len(r.prompt) + len(r.out)]
+        for b in done:
+            reqs[b].prefilled = True
+        events = self._sample([reqs[b] for b in done], logits[torch.tensor(done, device=self.device)]) if done else []
         if self.spec:
             live = [b for b, r in enumerate(reqs) if r.id in self.running]
             if live:
-                self.spec.prefill([reqs[b] for b in live], hidden[torch.tensor(live, device=self.device)])
+                self.spec.prefill([reqs[b] for b in live], [start[b] for b in live], [group[b][1] for b in live],
+                                  hidden[torch.tensor(live, device=self.device)])
         return events
 
-    def _decode(self, reqs: list[_Request]) -> list[StepEvent]:
+    def _decode(self, reqs: list[Sequence]) -> list[StepEvent]:
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
-        _, logits = self.run("main", ids, reqs, [self.cache.lengths[r.slot] for r in reqs])
+        _, logits = self.run("main", ids, reqs, [r.computed for r in reqs])
         for r in reqs:
-            self.cache.lengths[r.slot] += 1
+            r.computed += 1
+            self.block_manager.register(r)
         return self._sample(reqs, logits[:, 0])
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepEvent]:
+    def _sample(self, reqs: list[Sequence], logits: torch.Tensor) -> list[StepEvent]:
         logits = logits.float()
         raw = logits.log_softmax(-1) if any(r.params.logprobs for r in reqs) else None
         toks, lps = logits.argmax(-1).tolist(), [0.0] * len(reqs)  # greedy rows: one argmax, one transfer
@@ -372,7 +372,7 @@ class Engine:
         return [self._fail(r, failed[b]) if b in failed else self._emit(r, t, lp, raw[b] if raw is not None else None)
                 for b, (r, t, lp) in enumerate(zip(reqs, toks, lps))]
 
-    def _draw(self, reqs: list[_Request], rows: list[int], logits: torch.Tensor, toks: list, lps: list) -> None:
+    def _draw(self, reqs: list[Sequence], rows: list[int], logits: torch.Tensor, toks: list, lps: list) -> None:
         """Sample rows (one transform: the same temperature, top-k, top-p) into toks / lps, each from its generator."""
         p = reqs[rows[0]].params
         logp = sampling_logprobs(logits[rows], p)
@@ -380,7 +380,7 @@ class Engine:
         for b, t, lp in zip(rows, got, logp[torch.arange(len(rows)), got].tolist()):
             toks[b], lps[b] = t, lp
 
-    def _emit(self, r: _Request, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
+    def _emit(self, r: Sequence, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
         """Append one token to r (and its raw top-n log-probs from raw (V,) when asked); finish r if done."""
         n = len(r.out)
         try:
@@ -399,17 +399,16 @@ class Engine:
             del r.out[n:], r.logprobs[n:]  # the token was never emitted
             return self._fail(r, e)
 
-    def _fail(self, r: _Request, e: Exception) -> StepEvent:
+    def _fail(self, r: Sequence, e: Exception) -> StepEvent:
         """Finish r alone with finish_reason "error" (isolate_errors): free its slot, say why in the event."""
-        if self.running.pop(r.id, None) is not None:
-            self._free(r)
+        self._free(r)
         del r.top[len(r.out):]
         why = f"{type(e).__name__}: {e}"
         done = Completion(r.id, r.prompt, r.out, r.logprobs, "error", r.top if r.params.logprobs else None,
                           r.drafted, r.accepted)
         return StepEvent(r.id, -1, float("nan"), done, None, why)
 
-    def _finish_if_done(self, r: _Request) -> Completion | None:
+    def _finish_if_done(self, r: Sequence) -> Completion | None:
         reason = None
         if r.out[-1] in r.params.stop_token_ids:
             reason = "stop"
@@ -420,7 +419,6 @@ class Engine:
             reason = "length"
         if reason is None:
             return None
-        del self.running[r.id]
         self._free(r)
         return Completion(r.id, r.prompt, r.out, r.logprobs, reason, r.top if r.params.logprobs else None,
                           r.drafted, r.accepted)
