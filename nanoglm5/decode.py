@@ -264,15 +264,15 @@ class Decoder:
         return self._forward(stack, ids, meta[0], table, view, S, sparse, h_prev, meta[1] if last is not None else None)
 
     def _forward(self, stack, ids, start, table, view, S, sparse, h_prev, last=None):
-        """table (B, >= ceil(S / block_size)) block ids; view: the first row of a B = 1 batch's consecutive blocks
-        (its keys are kv[view : view + S]), else None (gathered through the table after each layer's write)."""
+        """table (B, >= S / block_size) block ids; view: the first row of a B = 1 batch's consecutive blocks (its keys
+        are kv[view : view + S]), else None (the rows gathered through the table after each layer's write)."""
         W, (B, T) = self.weights, ids.shape
-        N = B * T
+        N, bs = B * T, self.block_size
         pos = (start[:, None] + self.ar[:T]).view(-1)  # (N,)
         rope = self.rope[pos].split(self.rope_split, -1)
         neg = torch.zeros(B, T, S, device=self.device).masked_fill_(self.ar[:S] > pos.view(B, T, 1), float("-inf"))
-        rows = table[:, self.blk[:S]] * self.block_size + self.off[:S]  # (B, S): cache row of each position
-        write = (rows.gather(1, pos.view(B, T)),)  # (B, T)
+        p2 = pos.view(B, T)
+        write = (table.gather(1, self.blk[p2]) * bs + self.off[p2],)  # (B, T): the cache row of each new token
         x = W.emb[ids.view(-1)]
         if stack == "mtp":
             M = W.mtp[0]
@@ -280,7 +280,10 @@ class Decoder:
             layers, cache = [M], self.mtp_cache
         else:
             layers, cache = W.layers, self.cache
-        reads = cache.kv[:, view:view + S].unsqueeze(1).unbind(0) if view is not None else [rows] * len(layers)
+        if view is not None:
+            reads = cache.kv[:, view:view + S].unsqueeze(1).unbind(0)
+        else:  # the cache row of every position 0..S-1 of every row, (B·S,)
+            reads = [(table[:, self.blk[:S]] * bs + self.off[:S]).view(-1)] * len(layers)
         for L, kv, cached in zip(layers, cache.layers, reads):
             x = self._attention(L.attn, x, kv, write, cached, S, sparse, neg, rope, B, T)
             x = self._mlp(L.mlp, x)
@@ -305,8 +308,8 @@ class Decoder:
         W2 = dr + dI
         new = torch.cat([_rms(ckv, L.eps_kv), torch.addcmul(z[:, :W2] * ck, z[:, W2:], sk)], -1)  # [c_kv|k_rot|index key]
         kv.index_put_(write, new.view(B, T, -1))
-        if cached.dtype == torch.long:  # cache rows (B, S) through the block tables: gathered now, after the write
-            cached = kv[cached]
+        if cached.dtype == torch.long:  # cache rows (B·S,) through the block tables: gathered now, after the write
+            cached = kv.index_select(0, cached).view(B, S, -1)
         latent = cached[..., : kvl + dr]
         if sparse:  # DSA: index scores over every cached key, top-k, attention over the selected latents
             iq, ikc = r[:, h * dr:], cached[..., kvl + dr:]
