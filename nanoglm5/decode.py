@@ -6,20 +6,23 @@ them); tests/test_engine.py checks it against the model's full forward.
   - `derive_weights`: matrices computed once from the model's parameters, rebuilt when a parameter changes
     (`Decoder.refresh`: its `_version` moves on every in-place update, e.g. RL loading newer weights, an
     optimizer step; its storage moves on `.to()`). Per layer:
-      WA  everything computed from the block input (q_a, kv_a's latent and rope key, the indexer's key and
-          head weights): one matmul;
-      WB  everything computed from the query latent (W_UK absorbed into the query, the rope slice of the
-          query, the indexer queries): one matmul;
-      Wo  W_UV folded into o_proj: one matmul fused with the residual add (addmm).
+      qkv_a       everything computed from the block input (q_a_proj, kv_a_proj_with_mqa's latent and rope key,
+                  the indexer's wk and weights_proj): one matmul;
+      q_b         everything computed from the query latent c_q (q_b_proj with W_UK absorbed, its rope rows,
+                  the indexer's wq_b): one matmul;
+      o_absorbed  kv_b_proj's W_UV folded into o_proj: one matmul fused with the residual add (addmm).
+    (`_attn_weights` shows the algebra.)
     RMSNorm weights (except the final ones before the shared head) and the softmax scales are folded into the
     next matrix, and RoPE's pair rotation into a fixed signed permutation of rows (`_rope_perms`), so RoPE is
     two multiplies and an add with cos/sin tables built once per engine.
   - inference only: no MoE loads, balance loss or indexer KL. The MoE gathers the chosen experts' weights for a
     few tokens (decode) and runs the model's grouped dispatch for many (prefill); the shared expert is one matmul.
-  - `KVCache`: one preallocated tensor per layer stack, (layers, slots + 1, capacity, kvl + rope + index_dim):
-    a token's latent, rope key and indexer key side by side, written with one index_put_ per layer. Slot
-    `slots` is scratch: padded rows of a bucketed batch write there. A row attends to keys at positions <= its
-    query's, so entries past a row's length (rejected drafts, padding) are never read before being overwritten.
+  - `PagedKVCache`: one preallocated tensor per layer stack, (layers, (blocks + 1) · block_size, kvl + rope +
+    index_dim): a token's latent, rope key and indexer key side by side, in fixed-size blocks that block tables
+    (block_manager.py) assign to sequences; written with one index_put_ per layer, read through the tables (one
+    index_select per layer; a lone sequence on consecutive blocks reads a view). The last block is scratch: padded
+    rows of a batch write there. A row attends to keys at positions <= its query's, so entries past a row's
+    length (rejected drafts, padding) are never read before being overwritten.
   - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over the whole capacity, the
     inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the same path runs eagerly,
     which the tests use to check the padding).
@@ -59,39 +62,54 @@ def _const(v: float, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- derived weights
 def _attn_weights(layer, dtype) -> SimpleNamespace:
+    """model.Attention's matrices folded for decoding. Per head, with c_q = q_a_layernorm(q_a_proj x) and
+    c_kv = kv_a_layernorm(latent of kv_a_proj_with_mqa x), the model scores
+        q_nope·k_nope + q_rope·k_rope,   q_nope = W_UQ c_q (q_b_proj's nope rows), k_nope = W_UK c_kv (kv_b_proj's
+                                          key rows),
+    and q_nope·k_nope = (W_UK^T W_UQ c_q)·c_kv: `q_b` maps c_q straight to a query in latent space that attends
+    the cached c_kv itself (DeepSeek-V2 §2.1.2). The values: o_proj(W_UV Σ_s p_s c_kv,s) = (o_proj W_UV) Σ_s p_s
+    c_kv,s: `o_absorbed`. Names: qkv_a = the stacked matrices of the block input, q_b = those of c_q, o_absorbed,
+    k_rope_perm = RoPE's permutations on the key side; the RMSNorm weights and the softmax scales are folded in."""
     a, f = layer.self_attn, (lambda t: t.detach().float())
     ix = a.indexer
     h, dn, dr, dv, kvl, HI, dI = a.n_heads, a.dn, a.dr, a.dv, a.kvl, ix.n_heads, ix.head_dim
     dev = a.kv_b_proj.weight.device
-    P, Q = _rope_perms(dr, dev)
-    Pi = torch.block_diag(P, torch.eye(dI - dr, device=dev))  # the indexer ropes only its first dr dims
-    Qi = torch.block_diag(Q, torch.zeros(dI - dr, dI - dr, device=dev))
-    WA = torch.cat([f(a.q_a_proj.weight), f(a.kv_a_proj_with_mqa.weight), f(ix.wk.weight),
-                    f(ix.weights_proj.weight) * ix.n_heads**-0.5]) * f(layer.input_layernorm.weight)
-    bA = None
+    rope_even_odd, rope_rotate = _rope_perms(dr, dev)
+    idx_even_odd = torch.block_diag(rope_even_odd, torch.eye(dI - dr, device=dev))  # the indexer ropes only its first dr dims
+    idx_rotate = torch.block_diag(rope_rotate, torch.zeros(dI - dr, dI - dr, device=dev))
+    # [q_a_proj; kv_a_proj_with_mqa; indexer.wk; indexer.weights_proj] · diag(input_layernorm): one matmul of x
+    qkv_a = torch.cat([f(a.q_a_proj.weight), f(a.kv_a_proj_with_mqa.weight), f(ix.wk.weight),
+                       f(ix.weights_proj.weight) * ix.n_heads**-0.5]) * f(layer.input_layernorm.weight)
+    qkv_a_bias = None
     if a.q_a_proj.bias is not None or a.kv_a_proj_with_mqa.bias is not None:
         z = lambda n: torch.zeros(n, device=dev)  # noqa: E731
-        bA = torch.cat([f(a.q_a_proj.bias) if a.q_a_proj.bias is not None else z(a.q_a_proj.weight.shape[0]),
-                        f(a.kv_a_proj_with_mqa.bias) if a.kv_a_proj_with_mqa.bias is not None else z(kvl + dr),
-                        z(dI + HI)]).to(dtype)
+        qkv_a_bias = torch.cat([f(a.q_a_proj.bias) if a.q_a_proj.bias is not None else z(a.q_a_proj.weight.shape[0]),
+                                f(a.kv_a_proj_with_mqa.bias) if a.kv_a_proj_with_mqa.bias is not None else z(kvl + dr),
+                                z(dI + HI)]).to(dtype)
     w_kv = f(a.kv_a_layernorm.weight)
-    qb = f(a.q_b_proj.weight).view(h, dn + dr, -1)
-    kvb = f(a.kv_b_proj.weight).view(h, dn + dv, kvl)
-    lat = torch.einsum("hdc,hdj->hcj", kvb[:, :dn], qb[:, :dn]) * (w_kv[:, None] * a.scale)  # W_UK absorbed
-    rot = qb[:, dn:] * a.scale
+    W_UQ_and_QR = f(a.q_b_proj.weight).view(h, dn + dr, -1)  # per head: the nope rows W_UQ, then the rope rows W_QR
+    W_UK_and_UV = f(a.kv_b_proj.weight).view(h, dn + dv, kvl)  # per head: the key rows W_UK, then the value rows W_UV
+    W_UK, W_UV = W_UK_and_UV[:, :dn], W_UK_and_UV[:, dn:]
+    q_nope_absorbed = torch.einsum("hdc,hdj->hcj", W_UK, W_UQ_and_QR[:, :dn]) * (w_kv[:, None] * a.scale)  # W_UK^T W_UQ
+    q_rope = W_UQ_and_QR[:, dn:] * a.scale
     iq = f(ix.wq_b.weight).view(HI, dI, -1) * ix.softmax_scale  # relu(s)·c = relu(s·c) for c > 0
-    WB = torch.cat([lat.reshape(h * kvl, -1), (P @ rot).reshape(h * dr, -1), (Pi @ iq).reshape(HI * dI, -1),
-                    (Q @ rot).reshape(h * dr, -1), (Qi @ iq).reshape(HI * dI, -1)]) * f(a.q_a_layernorm.weight)
+    # [W_UK^T W_UQ | P W_QR | P wq_b | Q W_QR | Q wq_b] · diag(q_a_layernorm): RoPE(v) = (P v)·cos + (Q v)·sin
+    q_b = torch.cat([q_nope_absorbed.reshape(h * kvl, -1), (rope_even_odd @ q_rope).reshape(h * dr, -1),
+                     (idx_even_odd @ iq).reshape(HI * dI, -1), (rope_rotate @ q_rope).reshape(h * dr, -1),
+                     (idx_rotate @ iq).reshape(HI * dI, -1)]) * f(a.q_a_layernorm.weight)
     H = a.o_proj.weight.shape[0]
-    Wo = torch.einsum("ohv,hvc->ohc", f(a.o_proj.weight).view(H, h, dv), kvb[:, dn:] * w_kv).reshape(H, -1)
+    o_absorbed = torch.einsum("ohv,hvc->ohc", f(a.o_proj.weight).view(H, h, dv), W_UV * w_kv).reshape(H, -1)
     # the key side [k_rot | indexer key] → [P k | Q k] in one matmul: RoPE is then two multiplies and an add
-    Mk = torch.cat([torch.block_diag(P, Pi), torch.block_diag(Q, Qi)]).t()
+    k_rope_perm = torch.cat([torch.block_diag(rope_even_odd, idx_even_odd), torch.block_diag(rope_rotate, idx_rotate)]).t()
     ln, c = ix.k_norm, lambda v: torch.tensor(v, dtype=torch.float32, device=dev)  # noqa: E731
     return SimpleNamespace(
-        WA=WA.t().contiguous().to(dtype), bA=bA, WB=WB.t().contiguous().to(dtype), Wo=Wo.t().contiguous().to(dtype),
-        bo=None if a.o_proj.bias is None else a.o_proj.bias.detach().to(dtype), Mk=Mk.contiguous().to(dtype),
+        qkv_a=qkv_a.t().contiguous().to(dtype), qkv_a_bias=qkv_a_bias, q_b=q_b.t().contiguous().to(dtype),
+        o_absorbed=o_absorbed.t().contiguous().to(dtype),
+        o_bias=None if a.o_proj.bias is None else a.o_proj.bias.detach().to(dtype),
+        k_rope_perm=k_rope_perm.contiguous().to(dtype),
         kn_w=ln.weight.detach().to(dtype), kn_b=ln.bias.detach().to(dtype), kn_eps=ln.eps,
-        splitA=[a.q_a_proj.weight.shape[0], kvl, dr, dI, HI], splitB=[h * kvl, h * dr + HI * dI, h * dr + HI * dI],
+        split_qkv_a=[a.q_a_proj.weight.shape[0], kvl, dr, dI, HI],
+        split_q_b=[h * kvl, h * dr + HI * dI, h * dr + HI * dI],
         h=h, kvl=kvl, dr=dr, HI=HI, dI=dI, topk=a.cfg.index_topk,
         eps=c(layer.input_layernorm.eps), eps_q=c(a.q_a_layernorm.eps), eps_kv=c(a.kv_a_layernorm.eps))
 
@@ -299,12 +317,12 @@ class Decoder:
         N, h, kvl, dr, HI, dI = x.shape[0], L.h, L.kvl, L.dr, L.HI, L.dI
         cq, sq, ck, sk = rope
         xn = _rms(x, L.eps)
-        a = torch.mm(xn, L.WA) if L.bA is None else torch.addmm(L.bA, xn, L.WA)
-        qa, ckv, kr, ik, iw = a.split(L.splitA, -1)
-        lat, rp, rq = torch.mm(_rms(qa, L.eps_q), L.WB).split(L.splitB, -1)
+        a = torch.mm(xn, L.qkv_a) if L.qkv_a_bias is None else torch.addmm(L.qkv_a_bias, xn, L.qkv_a)
+        qa, ckv, kr, ik, iw = a.split(L.split_qkv_a, -1)
+        lat, rp, rq = torch.mm(_rms(qa, L.eps_q), L.q_b).split(L.split_q_b, -1)
         r = torch.addcmul(rp * cq, rq, sq)  # roped [q_rot of each head | indexer queries]
         q = torch.cat([lat.view(N, h, kvl), r[:, : h * dr].view(N, h, dr)], -1)  # (N, h, kvl + dr)
-        z = torch.mm(torch.cat([kr, F.layer_norm(ik, (dI,), L.kn_w, L.kn_b, L.kn_eps)], -1), L.Mk)
+        z = torch.mm(torch.cat([kr, F.layer_norm(ik, (dI,), L.kn_w, L.kn_b, L.kn_eps)], -1), L.k_rope_perm)
         W2 = dr + dI
         new = torch.cat([_rms(ckv, L.eps_kv), torch.addcmul(z[:, :W2] * ck, z[:, W2:], sk)], -1)  # [c_kv|k_rot|index key]
         kv.index_put_(write, new.view(B, T, -1))
@@ -328,8 +346,8 @@ class Decoder:
         return self._out(L, x, torch.bmm(p.view(B, T * h, S), cached[..., :kvl]))
 
     def _out(self, L, x, o):
-        out = torch.addmm(x, o.reshape(x.shape[0], -1), L.Wo)  # W_UV and o_proj, with the residual
-        return out if L.bo is None else out + L.bo
+        out = torch.addmm(x, o.reshape(x.shape[0], -1), L.o_absorbed)  # W_UV and o_proj, with the residual
+        return out if L.o_bias is None else out + L.o_bias
 
     def _mlp(self, L, x):
         N, I = x.shape[0], L.I

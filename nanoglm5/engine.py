@@ -9,10 +9,14 @@ Holds, top to bottom:
     importance ratios need);
   - stop strings: `find_stop`, the one check the engine (to finish a request) and the server (to cut its
     text) both use;
-  - `Engine`: a continuous-batching scheduler (nano-vllm's waiting/running queues) with admission limits
-    (max concurrent sequences, max tokens in flight), right-padded batched prefill, and batched decode of
-    every running slot (B×1 tokens, one position per row) or, with `speculative="mtp"`, batched verification
-    of the MTP layer's drafts (speculative.py).
+  - `Engine`: the loop. Each step asks the scheduler what to run, runs the (chunked) prefills in right-padded
+    batches and one batched decode of every other running sequence (B×1 tokens, one position per row) or, with
+    `speculative="mtp"`, batched verification of the MTP layer's drafts (speculative.py), samples, and finishes
+    requests.
+
+The rooms, as nano-vllm splits them: block_manager.py (the paged cache's blocks, ref counts and hash-chained
+prefix reuse), scheduler.py (sequences, admission by free blocks, chunked prefill, preemption by recompute),
+decode.py (the model runner: the folded weights and the forward over block tables), this file (the loop).
 
 The forward itself is decode.py: MLA in its absorbed (MQA) form over the compressed cache (DeepSeek-V2 §2.1.2),
 DSA's top-k selection once a context is longer than index_topk (DeepSeek-V3.2 §2.1), fused and folded weights,
@@ -23,8 +27,10 @@ matrices are rebuilt whenever a parameter changes in place (its version counter 
 `.data`), so the next step runs with whatever `engine.model` holds. The cache of running requests was written by
 the older weights; that is what "partial rollout" means in asynchronous RL.
 
-Simplified: no paged blocks or prefix caching (one contiguous region per slot), no chunked prefill, no
-preemption (admission reserves prompt + max_tokens up front, so a running request never runs out of room).
+New weights also drop the prefix cache (block_manager.reset_prefix_cache): a new request never reads keys that
+an older policy wrote. Simplified: the paged attention is a gather of the sequence's cache rows per layer (no
+fused paged-attention kernel), speculative engines do not share prefixes (`prefix_caching` is off with MTP), and
+only full blocks are shared.
 """
 
 from __future__ import annotations
@@ -95,12 +101,14 @@ class StepEvent(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Continuous batching over a compressed KV cache.
+    """Continuous batching over a paged compressed KV cache.
 
     Use: `rid = engine.add_request(ids, SamplingParams(...))`, then call `engine.step()` while
-    `engine.has_unfinished()`. Each step (1) admits waiting requests FIFO while a slot is free and the tokens
-    in flight (prompt + max_tokens of every running request) stay within max_tokens_in_flight, (2) prefills
-    the admitted ones (right-padded batches) and samples their first token, (3) decodes one token for every
+    `engine.has_unfinished()`. Each step (1) gives every decoding sequence room for its next positions,
+    preempting the newest when no block is free, and admits waiting requests FIFO while a slot is free and the
+    pool has blocks for their tokens (scheduler.py), (2) prefills the admitted ones from their cached prefix on,
+    at most `chunked_prefill` tokens per step, and samples the first token of those whose prompt is complete,
+    (3) decodes one token for every
     other running request, as one (B, 1) batch (speculative: verifies each one's drafts and emits 1 to
     num_draft + 1 tokens). It returns one `StepEvent(request_id, token_id, logprob, completion, top_logprobs)`
     per new token, in order; `completion` is not None when the request finished at this token, and its slot is
@@ -116,6 +124,10 @@ class Engine:
     bucket padding and static shapes run eagerly (what the CPU tests check). Decode batches up to the largest
     of `graph_buckets` (default: powers of two up to max_batch) are padded to the next bucket.
     device / dtype: where and in what precision the model runs; the model is moved there (in place) if needed.
+    max_tokens_in_flight: cache positions in the pool (at most max_batch × max_seq_len are allocated), in blocks
+    of `block_size`; a request whose prompt + max_tokens exceeds it is refused. prefix_caching: share the full
+    blocks of common prefixes (default: on, off with speculative="mtp"); `engine.stats()` counts prefill tokens
+    computed and the hit rate. chunked_prefill: prompt tokens computed per step over all prefills (None: all).
     isolate_errors: False (default): an exception while sampling or finishing a request propagates out of
     step(), as any bug should in training and evaluation. True (the server): that request alone is finished
     with finish_reason "error" and a StepEvent whose `error` says why, and the rest of its batch goes on."""

@@ -307,10 +307,10 @@ def test_weights_refreshed_in_place(model):
     eng = Engine(m, max_batch=2, graphs="eager")
     prompt = _prompts(1, seed=10)[0]
     eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
-    wa = eng.decoder.weights.layers[0].attn.WA
+    wa = eng.decoder.weights.layers[0].attn.qkv_a
     m.load_state_dict(_model(seed=1).state_dict())
     got = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
-    assert eng.decoder.weights.layers[0].attn.WA is wa and eng.decoder.graphs
+    assert eng.decoder.weights.layers[0].attn.qkv_a is wa and eng.decoder.graphs
     assert got == Engine(m, max_batch=1).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     assert got == _recompute_greedy(m, prompt, 8)
 
