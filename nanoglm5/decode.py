@@ -23,9 +23,9 @@ them); tests/test_engine.py checks it against the model's full forward.
     index_select per layer; a lone sequence on consecutive blocks reads a view). The last block is scratch: padded
     rows of a batch write there. A row attends to keys at positions <= its query's, so entries past a row's
     length (rejected drafts, padding) are never read before being overwritten.
-  - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over the whole capacity, the
-    inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the same path runs eagerly,
-    which the tests use to check the padding).
+  - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over a length bucket (a power
+    of two of blocks), the inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the
+    same path runs eagerly, which the tests use to check the padding).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Decoder:
         self.rope_split = [R, R, dr + dI, dr + dI]
         self._state = list(model.parameters()) + list(model.buffers())
         self._key = None
-        self.graphs: dict = {}  # (stack, T, bucket) → static buffers (+ a CUDA graph)
+        self.graphs: dict = {}  # (stack, T, bucket, blocks) → static buffers (+ a CUDA graph)
         self.static = False  # inside run_static: the MoE always gathers (static shapes, no host sync)
         self._buffers: dict[str, torch.Tensor] = {}  # expert matrices gathered for decode
         self.refresh()
@@ -403,30 +403,32 @@ class Decoder:
     def run_static(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], bucket: int,
                    h_prev=None, capture: bool = False):
         """`run` with the batch padded to `bucket` rows (padded rows: position 0 in the scratch block) and attention
-        over every position a sequence may reach (the block table's full width), every input in a fixed buffer;
-        with capture=True (CUDA) the first call per (stack, T, bucket) records a CUDA graph and later calls replay
-        it. Same outputs as `run`."""
+        over a length bucket (the block tables padded to the next power of two of blocks the longest row needs, at
+        most the full width), every input in a fixed buffer; with capture=True (CUDA) the first call per
+        (stack, T, bucket, blocks) records a CUDA graph and later calls replay it. Same outputs as `run`."""
         B, T = ids.shape
-        key = (stack, T, bucket)
+        need = -(-(max(start) + T) // self.block_size)
+        width = min(self.max_blocks, 1 << (need - 1).bit_length())  # blocks attended: a power of two
+        key = (stack, T, bucket, width)
         g = self.graphs.get(key)
         if g is None:
             H = self.cfg.hidden_size
             g = self.graphs[key] = SimpleNamespace(
                 ids=torch.zeros(bucket, T, dtype=torch.long, device=self.device),
                 start=torch.zeros(bucket, dtype=torch.long, device=self.device),
-                table=torch.zeros(bucket, self.max_blocks, dtype=torch.long, device=self.device),
+                table=torch.zeros(bucket, width, dtype=torch.long, device=self.device),
                 h=torch.zeros(bucket, T, H, dtype=self.dtype, device=self.device) if stack == "mtp" else None,
                 graph=None, out=None)
         g.ids.zero_()
         g.ids[:B] = ids
         g.start.copy_(torch.tensor(start + [0] * (bucket - B)))
-        g.table.copy_(torch.tensor(self._table(tables + [[]] * (bucket - B), self.max_blocks)))
+        g.table.copy_(torch.tensor(self._table(tables + [[]] * (bucket - B), width)))
         if h_prev is not None:
             g.h[:B] = h_prev
         if g.out is None or not capture:
             self.static = True
             try:
-                S = self.max_blocks * self.block_size
+                S = width * self.block_size
                 fwd = lambda: self._forward(stack, g.ids, g.start, g.table, None, S,  # noqa: E731
                                             self.sparse and S > self.cfg.index_topk, g.h)
                 if capture:

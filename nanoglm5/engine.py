@@ -164,7 +164,9 @@ class Engine:
         self.graph_buckets = sorted(graph_buckets or [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < max_batch]
                                     + [max_batch])
         self.max_batch, self.max_tokens_in_flight = max_batch, max_tokens_in_flight
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        # default: what one request can use (no request exceeds max_tokens_in_flight), not the model's whole
+        # context, so the RoPE tables and the block tables of a long-context preset stay the pool's size
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, max_tokens_in_flight)
         if self.max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; pass max_seq_len <= {cfg.max_position_embeddings}")

@@ -280,8 +280,8 @@ def test_lean_forward_equals_model_forward(model):
 
 
 def test_graph_buckets_pad_and_match_eager(model):
-    """graphs="eager": the CUDA-graph path's padding to batch buckets (scratch slot, attention over the whole
-    capacity) run eagerly; same greedy tokens as unpadded decoding, with requests joining and leaving."""
+    """graphs="eager": the CUDA-graph path's padding to batch buckets (scratch block, attention over a length
+    bucket) run eagerly; same greedy tokens as unpadded decoding, with requests joining and leaving."""
     prompts = _prompts(6, seed=9)
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (6, 15, 3, 11, 8, 13)]
     plain = [c.token_ids for c in Engine(model, max_batch=8).generate(prompts, params)]
@@ -289,6 +289,7 @@ def test_graph_buckets_pad_and_match_eager(model):
     assert eng.graph_buckets == [1, 2, 4, 8]
     assert [c.token_ids for c in eng.generate(prompts, params)] == plain
     assert {k[2] for k in eng.decoder.graphs} >= {4, 8}  # 6 running → bucket 8, later fewer → 4, 2, 1
+    assert {k[3] for k in eng.decoder.graphs} >= {2, 4}  # attention over length buckets: 2 blocks, then 4
     assert [c.token_ids for c in Engine(model, max_batch=8, graphs="eager", graph_buckets=[4]).generate(
         prompts, params)] == plain  # 5+ running: beyond the largest bucket, eager
     d, ids, tables = eng.decoder, torch.tensor([[5], [7], [9]]), [[0], [3, 1], [2]]
