@@ -72,18 +72,18 @@ class BlockManager:
             blocks.append(b)
         return blocks, False
 
-    def can_allocate(self, tokens: list[int], positions: int) -> bool:
+    def can_allocate(self, tokens: list[int], positions: int, reuse: bool = True) -> bool:
         """Whether a sequence of these tokens can get blocks for `positions` positions now."""
-        cached, _ = self.match(tokens)
+        cached, _ = self.match(tokens) if reuse else ([], False)
         taken = sum(self.ref[b] == 0 for b in cached)  # cached blocks on the free list leave it
         return taken + self.blocks_for(positions) - len(cached) <= self.num_free
 
     # -- a sequence's blocks -------------------------------------------------------------------------
-    def allocate(self, seq, positions: int) -> int:
-        """Give seq (fields blocks, hashed, epoch, computed) the cached blocks of its prefix and fresh blocks up
-        to `positions` positions; → the number of tokens whose keys are cached (seq.computed)."""
+    def allocate(self, seq, positions: int, reuse: bool = True) -> int:
+        """Give seq (fields blocks, hashed, epoch, computed) the cached blocks of its prefix (reuse=False: none)
+        and fresh blocks up to `positions` positions; → the number of tokens whose keys are cached (seq.computed)."""
         tokens = seq.tokens
-        cached, _ = self.match(tokens)
+        cached, _ = self.match(tokens) if reuse else ([], False)
         self.lookups += len(tokens)
         self.hits += len(cached) * self.block_size
         for b in cached:

@@ -84,6 +84,8 @@ class Completion:
     top_logprobs: list[dict[int, float]] | None = None
     drafted: int = 0  # speculative decoding: MTP drafts verified for this request, and how many were accepted
     accepted: int = 0
+    # params.prompt_logprobs: per prompt token, the raw-model top-n log-probs and that token's own (None at 0)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class StepEvent(NamedTuple):
@@ -256,6 +258,8 @@ class Engine:
             raise ValueError(f"top_p={p.top_p} must be in (0, 1]")
         if p.top_k < 0 or p.logprobs < 0:
             raise ValueError(f"top_k={p.top_k} and logprobs={p.logprobs} must be >= 0")
+        if p.prompt_logprobs is not None and (not isinstance(p.prompt_logprobs, int) or p.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs={p.prompt_logprobs!r} must be None (off) or an integer >= 0")
         if p.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer=...) or use stop_token_ids")
         gen = None
@@ -339,7 +343,13 @@ class Engine:
         start = [r.computed for r in reqs]
         fed = [r.tokens[c:c + n] for (r, n), c in zip(group, start)]
         ids = torch.tensor([f + [0] * (T - len(f)) for f in fed], device=self.device)
-        hidden, logits = self.run("main", ids, reqs, start, last=[n - 1 for _, n in group], decode=False)
+        last = [n - 1 for _, n in group]
+        if any(r.params.prompt_logprobs is not None for r in reqs):  # logits at every position, for the scoring
+            hidden, full = self.run("main", ids, reqs, start, decode=False)
+            self._prompt_logprobs(group, start, full)
+            logits = full[torch.arange(len(reqs), device=self.device), torch.tensor(last, device=self.device)]
+        else:
+            hidden, logits = self.run("main", ids, reqs, start, last=last, decode=False)
         for r, n in group:
             r.computed += n
             self.prefill_computed += n
@@ -354,6 +364,25 @@ class Engine:
                 self.spec.prefill([reqs[b] for b in live], [start[b] for b in live], [group[b][1] for b in live],
                                   hidden[torch.tensor(live, device=self.device)])
         return events
+
+    def _prompt_logprobs(self, group, start: list[int], logits: torch.Tensor) -> None:
+        """Append the prompt-token entries this chunk's logits (B, T, V) give: position j scores prompt token j+1."""
+        for b, (r, n) in enumerate(group):
+            k = r.params.prompt_logprobs
+            if k is None:
+                continue
+            if not r.prompt_lp:
+                r.prompt_lp.append(None)  # the first token has no context
+            c, P = start[b], len(r.prompt)
+            lo, hi = len(r.prompt_lp) - 1, min(c + n, P - 1)  # positions whose entries are missing (a recompute
+            if hi <= lo:                                          # after preemption has them already)
+                continue
+            lp = logits[b, lo - c:hi - c].float().log_softmax(-1)
+            nxt = torch.tensor(r.prompt[lo + 1:hi + 1], device=lp.device)
+            own = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for t, o, vs, ids in zip(nxt.tolist(), own, vals.tolist(), idx.tolist()):
+                r.prompt_lp.append({**dict(zip(ids, vs)), t: o})
 
     def _decode(self, reqs: list[Sequence]) -> list[StepEvent]:
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
@@ -419,7 +448,7 @@ class Engine:
         del r.top[len(r.out):]
         why = f"{type(e).__name__}: {e}"
         done = Completion(r.id, r.prompt, r.out, r.logprobs, "error", r.top if r.params.logprobs else None,
-                          r.drafted, r.accepted)
+                          r.drafted, r.accepted, self._prompt_lp(r))
         return StepEvent(r.id, -1, float("nan"), done, None, why)
 
     def _finish_if_done(self, r: Sequence) -> Completion | None:
@@ -435,7 +464,11 @@ class Engine:
             return None
         self._free(r)
         return Completion(r.id, r.prompt, r.out, r.logprobs, reason, r.top if r.params.logprobs else None,
-                          r.drafted, r.accepted)
+                          r.drafted, r.accepted, self._prompt_lp(r))
+
+    @staticmethod
+    def _prompt_lp(r: Sequence) -> list | None:
+        return None if r.params.prompt_logprobs is None else r.prompt_lp
 
     # -- convenience -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

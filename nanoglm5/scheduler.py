@@ -52,6 +52,7 @@ class Sequence:
     epoch: int = 0
     prefilled: bool = False  # sampled since its (re-)admission: it decodes now
     cached: int = 0  # tokens its last admission found in the prefix cache
+    prompt_lp: list = field(default_factory=list)  # params.prompt_logprobs: one entry per prompt token so far
 
     @property
     def tokens(self) -> list[int]:
@@ -88,12 +89,13 @@ class Scheduler:
         while self.waiting and self.free_slots and budget > 0:
             r = self.waiting[0]
             tokens = r.tokens
-            _, pending = self.blocks.match(tokens)
-            if pending or not self.blocks.can_allocate(tokens, len(tokens)):
+            reuse = r.params.prompt_logprobs is None  # scoring a prompt needs the logits at all of its positions
+            _, pending = self.blocks.match(tokens) if reuse else ([], False)
+            if pending or not self.blocks.can_allocate(tokens, len(tokens), reuse):
                 break  # its prefix is being computed (share it next step), or no room: FIFO, nothing jumps ahead
             self.waiting.popleft()
             r.slot = self.free_slots.pop(0)
-            r.cached = self.blocks.allocate(r, len(tokens))
+            r.cached = self.blocks.allocate(r, len(tokens), reuse)
             self.running[r.id] = r
             n = int(min(len(tokens) - r.computed, budget))
             prefill.append((r, n))

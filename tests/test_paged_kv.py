@@ -170,3 +170,22 @@ def test_block_manager_ref_counts_reuse_and_eviction():
     assert bm.match(list(range(9))) == ([], False)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_prompt_logprobs_equal_the_models_and_survive_chunking(model):
+    """params.prompt_logprobs: each prompt token's raw log-prob (and the top-n) == log_softmax of the model's
+    forward at the position before it; the same with chunked prefill, and a cached prefix is not used for it."""
+    prompt = _ids(40, 50)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]), tie_break="stable").logits[0].log_softmax(-1)
+    eng = Engine(model, chunked_prefill=16)
+    eng.generate([prompt], _greedy(2))  # its full blocks are now cached
+    out = eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3))[0]
+    lp = out.prompt_logprobs
+    assert len(lp) == 40 and lp[0] is None
+    for j in range(1, 40):
+        assert lp[j][prompt[j]] == pytest.approx(float(ref[j - 1, prompt[j]]), abs=1e-4)
+        top = ref[j - 1].topk(3).indices.tolist()
+        assert set(top) <= set(lp[j]) and len(lp[j]) <= 4
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        eng.add_request(prompt, SamplingParams(prompt_logprobs=-1))
