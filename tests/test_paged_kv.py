@@ -6,24 +6,11 @@ weights drop the prefix cache; the block manager's ref counts, reuse and evictio
 
 import pytest
 import torch
+from test_engine import _model  # the tiny model with peaked logits (argmax far from rounding ties)
 
 from nanoglm5.block_manager import BlockManager
-from nanoglm5.config import ModelConfig
 from nanoglm5.engine import Engine, SamplingParams
-from nanoglm5.model import GLM5
 from nanoglm5.scheduler import Sequence
-
-CFG = dict(vocab_size=256, index_topk=8, index_n_heads=16, max_position_embeddings=128)
-
-
-def _model(seed=0) -> GLM5:
-    torch.manual_seed(seed)
-    m = GLM5(ModelConfig.preset("tiny", **CFG)).eval()
-    with torch.no_grad():  # peaked logits: argmax far from rounding ties (as tests/test_engine.py)
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(5)
-    return m
 
 
 @pytest.fixture(scope="module")
