@@ -5,6 +5,8 @@ idea is vLLM's PagedAttention, Kwon et al. 2023, SOSP, arXiv 2309.06180 §4).
   - the pool: `num_blocks` blocks of `block_size` token positions each (decode.PagedKVCache holds the tensors);
     a sequence's block table `seq.blocks` lists the blocks that hold its positions 0, 1, ... in order;
   - ref counts: a block is in use while some sequence's table holds it, and free (on the free list) otherwise;
+  - locality: a sequence takes the free blocks of its batch slot's own run (`seq.home` + i) before others, so
+    sequences without a shared prefix sit on consecutive blocks and decode reads them as one strided view;
   - prefix reuse: a FULL block whose keys were all computed is registered under a chained hash, hash(previous
     block's hash, its token ids), so a hash names the whole prefix up to the block's end. A new sequence whose
     leading blocks' hashes are registered takes those blocks (ref count + 1) and computes only the rest. A
@@ -106,7 +108,9 @@ class BlockManager:
         if need > self.num_free:
             return False
         for _ in range(max(need, 0)):
-            b = next(iter(self.free))
+            b = seq.home + len(seq.blocks)  # the slot's own run first (decode reads it as a view), unless cached
+            if seq.home < 0 or b not in self.free or self.hash_of[b] is not None:
+                b = next(iter(self.free))
             del self.free[b]
             self._forget(b)
             self.ref[b] = 1

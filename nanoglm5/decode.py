@@ -20,7 +20,7 @@ them); tests/test_engine.py checks it against the model's full forward.
   - `PagedKVCache`: one preallocated tensor per layer stack, (layers, (blocks + 1) · block_size, kvl + rope +
     index_dim): a token's latent, rope key and indexer key side by side, in fixed-size blocks that block tables
     (block_manager.py) assign to sequences; written with one index_put_ per layer, read through the tables (one
-    index_select per layer; a lone sequence on consecutive blocks reads a view). The last block is scratch: padded
+    index_select per layer; rows on consecutive blocks at a fixed stride read one strided view). The last block is scratch: padded
     rows of a batch write there. A row attends to keys at positions <= its query's, so entries past a row's
     length (rejected drafts, padding) are never read before being overwritten.
   - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over a length bucket (a power
@@ -262,6 +262,24 @@ class Decoder:
         pad = self.cache.scratch
         return [t[:width] + [pad] * (width - len(t)) for t in tables]
 
+    def _strided(self, tables: list[list[int]], nb: int) -> tuple[int, int] | None:
+        """(first block, stride) when row b's blocks are first + b·stride, first + b·stride + 1, ...: then the batch's
+        keys are one strided view of the cache, nb blocks per row, no gather (a shorter row's view runs on past its
+        own blocks into positions its queries mask; every cache entry is finite, so they weigh exactly 0). The
+        block manager hands each batch slot its own run of blocks first (`Sequence.home`), so this holds unless
+        prefixes are shared or the pool ran short."""
+        if not all(tables):
+            return None
+        first = tables[0][0]
+        stride = tables[1][0] - first if len(tables) > 1 else 1
+        if stride < 1 or first + (len(tables) - 1) * stride + nb > self.cache.num_blocks + 1:
+            return None
+        for b, t in enumerate(tables):
+            t0 = first + b * stride
+            if t[:nb] != list(range(t0, t0 + min(len(t), nb))):
+                return None
+        return first, stride
+
     @torch.inference_mode()
     def run(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], h_prev=None,
             last: list[int] | None = None):
@@ -275,15 +293,14 @@ class Decoder:
         nb = -(-S // self.block_size)
         meta = torch.tensor([start] + ([last] if last is not None else []), device=self.device)
         table = torch.tensor(self._table(tables, nb), device=self.device)
-        t0 = tables[0][0] if B == 1 and tables[0] else -1
-        # one sequence whose blocks are consecutive (the common single stream): its rows are one slice, read as views
-        view = t0 * self.block_size if t0 >= 0 and tables[0][:nb] == list(range(t0, t0 + nb)) else None
+        view = self._strided(tables, nb)
         sparse = self.sparse and S > self.cfg.index_topk
         return self._forward(stack, ids, meta[0], table, view, S, sparse, h_prev, meta[1] if last is not None else None)
 
     def _forward(self, stack, ids, start, table, view, S, sparse, h_prev, last=None):
-        """table (B, >= S / block_size) block ids; view: the first row of a B = 1 batch's consecutive blocks (its keys
-        are kv[view : view + S]), else None (the rows gathered through the table after each layer's write)."""
+        """table (B, >= S / block_size) block ids; view: (first block, stride) when the rows' blocks are consecutive
+        runs at a fixed stride (`_strided`: their keys are read as one strided view), else None (the rows gathered
+        through the table after each layer's write)."""
         W, (B, T) = self.weights, ids.shape
         N, bs = B * T, self.block_size
         pos = (start[:, None] + self.ar[:T]).view(-1)  # (N,)
@@ -299,7 +316,9 @@ class Decoder:
         else:
             layers, cache = W.layers, self.cache
         if view is not None:
-            reads = cache.kv[:, view:view + S].unsqueeze(1).unbind(0)
+            kv, (first, stride) = cache.kv, view
+            L, R, Wd = kv.shape
+            reads = kv.as_strided((L, B, S, Wd), (R * Wd, stride * bs * Wd, Wd, 1), first * bs * Wd).unbind(0)
         else:  # the cache row of every position 0..S-1 of every row, (B·S,)
             reads = [(table[:, self.blk[:S]] * bs + self.off[:S]).view(-1)] * len(layers)
         for L, kv, cached in zip(layers, cache.layers, reads):

@@ -190,7 +190,8 @@ class Engine:
         pool = min(max_tokens_in_flight, max_batch * self.max_seq_len) + headroom
         num_blocks = -(-pool // block_size)
         self.block_manager = BlockManager(num_blocks, block_size, self.prefix_caching)
-        self.scheduler = Scheduler(max_batch, self.block_manager, chunked_prefill, headroom or 1)
+        self.scheduler = Scheduler(max_batch, self.block_manager, chunked_prefill, headroom or 1,
+                                   -(-(self.max_seq_len + headroom) // block_size))
         self.decoder = Decoder(self.model, num_blocks, block_size, self.max_seq_len, headroom, self.device, sparse,
                                tie_break, mtp=speculative is not None)
         self.cache = self.decoder.cache

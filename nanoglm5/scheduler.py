@@ -53,6 +53,7 @@ class Sequence:
     prefilled: bool = False  # sampled since its (re-)admission: it decodes now
     cached: int = 0  # tokens its last admission found in the prefix cache
     prompt_lp: list = field(default_factory=list)  # params.prompt_logprobs: one entry per prompt token so far
+    home: int = -1  # the first block of its batch slot's own run (block_manager.py: locality), -1: none
 
     @property
     def tokens(self) -> list[int]:
@@ -67,10 +68,11 @@ class Scheduler:
     """waiting (FIFO) and running (admission order) sequences over one BlockManager and `max_batch` batch slots.
     `lookahead`: positions past `computed` a decode step may write (1; speculative: the drafts and the chain)."""
 
-    def __init__(self, max_batch: int, blocks: BlockManager, chunk: int | None, lookahead: int):
+    def __init__(self, max_batch: int, blocks: BlockManager, chunk: int | None, lookahead: int, home_blocks: int):
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunked_prefill={chunk!r} must be None (off) or a number of tokens >= 1")
         self.blocks, self.chunk, self.lookahead = blocks, chunk, lookahead
+        self.home_blocks = home_blocks  # blocks of a batch slot's own run: one full-length sequence
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self.free_slots = list(range(max_batch))
@@ -95,6 +97,8 @@ class Scheduler:
                 break  # its prefix is being computed (share it next step), or no room: FIFO, nothing jumps ahead
             self.waiting.popleft()
             r.slot = self.free_slots.pop(0)
+            home = r.slot * self.home_blocks
+            r.home = home if home + self.home_blocks <= self.blocks.num_blocks else -1
             r.cached = self.blocks.allocate(r, len(tokens), reuse)
             self.running[r.id] = r
             n = int(min(len(tokens) - r.computed, budget))
