@@ -207,7 +207,7 @@ class ServerLimits:
     max_seq_len: int
     default_max_tokens: int  # chat requests without max_tokens: min(this, what the context leaves)
     vocab_size: int
-    max_tokens_in_flight: int  # the engine admits no request with prompt + max_tokens above this
+    max_tokens_in_flight: int  # the engine's cache positions: it refuses a request with prompt + max_tokens above this
 
 
 def _load(source, device):

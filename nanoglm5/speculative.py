@@ -15,7 +15,7 @@ which gives its own distribution p at each of those positions:
            request's SamplingParams transform (temperature, top-k, top-p), so every emitted token is distributed
            exactly as p, as without speculation, and the log-prob reported for it is log p.
 
-Caches: the main cache and the MTP layer's own cache (decode.KVCache) hold the same number of positions per slot.
+Caches: the main cache and the MTP layer's own cache (decode.PagedKVCache, the same block tables) hold the same positions.
 A verify step writes k+1 entries; only the last token and the accepted drafts are counted in `Sequence.computed`, which
 rolls the rejected ones back (entries past a row's length are never read before being overwritten). The MTP
 layer then catches up over the same positions with the main model's fresh hidden states (right-padded: rows of
