@@ -30,9 +30,10 @@ class ServeConfig:
     host: str = config_field("127.0.0.1", "address to listen on")
     port: int = config_field(8000, "port to listen on")
     max_batch: int = config_field(16, "concurrent sequences in the decode batch (cache slots)")
-    max_tokens_in_flight: int = config_field(8192, "Σ (prompt + max_tokens) over running sequences")
+    max_tokens_in_flight: int = config_field(8192, "KV-cache positions (paged blocks) shared by all requests; "
+                                                     "no request may need more than this")
     max_seq_len: int = config_field(0, "context per sequence (prompt + completion); 0 = the model's "
-                                       "max_position_embeddings")
+                                       "max_position_embeddings, at most max_tokens_in_flight")
     max_queue: int = config_field(64, "requests waiting beyond max_batch before the server answers 429")
     default_max_tokens: int = config_field(256, "max_tokens of chat requests that set none")
     model_name: str = config_field("", "the served model's name; default: the checkpoint directory's name")

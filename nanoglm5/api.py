@@ -237,13 +237,15 @@ def chat_logprob(tok, t, top, n_top):
 
 
 def completion_logprobs(tok, items, n_top):
-    """The legacy completions `logprobs` object for (token, top log-probs) items."""
+    """The legacy completions `logprobs` object for (token, top log-probs) items; top None (an echoed prompt's
+    first token) gives null entries."""
     tokens, lps, tops, offs, pos = [], [], [], [], 0
     for t, top in items:
         s = token_str(tok, t)
         tokens.append(s)
-        lps.append(top[t])
-        tops.append({token_str(tok, i): v for i, v in sorted(top.items(), key=lambda kv: -kv[1])[:n_top]})
+        lps.append(None if top is None else top[t])
+        tops.append(None if top is None else
+                    {token_str(tok, i): v for i, v in sorted(top.items(), key=lambda kv: -kv[1])[:n_top]})
         offs.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}

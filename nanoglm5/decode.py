@@ -6,23 +6,26 @@ them); tests/test_engine.py checks it against the model's full forward.
   - `derive_weights`: matrices computed once from the model's parameters, rebuilt when a parameter changes
     (`Decoder.refresh`: its `_version` moves on every in-place update, e.g. RL loading newer weights, an
     optimizer step; its storage moves on `.to()`). Per layer:
-      WA  everything computed from the block input (q_a, kv_a's latent and rope key, the indexer's key and
-          head weights): one matmul;
-      WB  everything computed from the query latent (W_UK absorbed into the query, the rope slice of the
-          query, the indexer queries): one matmul;
-      Wo  W_UV folded into o_proj: one matmul fused with the residual add (addmm).
+      qkv_a       everything computed from the block input (q_a_proj, kv_a_proj_with_mqa's latent and rope key,
+                  the indexer's wk and weights_proj): one matmul;
+      q_b         everything computed from the query latent c_q (q_b_proj with W_UK absorbed, its rope rows,
+                  the indexer's wq_b): one matmul;
+      o_absorbed  kv_b_proj's W_UV folded into o_proj: one matmul fused with the residual add (addmm).
+    (`_attn_weights` shows the algebra.)
     RMSNorm weights (except the final ones before the shared head) and the softmax scales are folded into the
     next matrix, and RoPE's pair rotation into a fixed signed permutation of rows (`_rope_perms`), so RoPE is
     two multiplies and an add with cos/sin tables built once per engine.
   - inference only: no MoE loads, balance loss or indexer KL. The MoE gathers the chosen experts' weights for a
     few tokens (decode) and runs the model's grouped dispatch for many (prefill); the shared expert is one matmul.
-  - `KVCache`: one preallocated tensor per layer stack, (layers, slots + 1, capacity, kvl + rope + index_dim):
-    a token's latent, rope key and indexer key side by side, written with one index_put_ per layer. Slot
-    `slots` is scratch: padded rows of a bucketed batch write there. A row attends to keys at positions <= its
-    query's, so entries past a row's length (rejected drafts, padding) are never read before being overwritten.
-  - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over the whole capacity, the
-    inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the same path runs eagerly,
-    which the tests use to check the padding).
+  - `PagedKVCache`: one preallocated tensor per layer stack, (layers, (blocks + 1) · block_size, kvl + rope +
+    index_dim): a token's latent, rope key and indexer key side by side, in fixed-size blocks that block tables
+    (block_manager.py) assign to sequences; written with one index_put_ per layer, read through the tables (one
+    index_select per layer; rows on consecutive blocks at a fixed stride read one strided view). The last block is scratch: padded
+    rows of a batch write there. A row attends to keys at positions <= its query's, so entries past a row's
+    length (rejected drafts, padding) are never read before being overwritten.
+  - static shapes (`Decoder.run_static`): the batch padded to a bucket, attention over a length bucket (a power
+    of two of blocks), the inputs in fixed buffers: what `torch.cuda.CUDAGraph` captures per bucket (on CPU the
+    same path runs eagerly, which the tests use to check the padding).
 """
 
 from __future__ import annotations
@@ -59,39 +62,54 @@ def _const(v: float, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- derived weights
 def _attn_weights(layer, dtype) -> SimpleNamespace:
+    """model.Attention's matrices folded for decoding. Per head, with c_q = q_a_layernorm(q_a_proj x) and
+    c_kv = kv_a_layernorm(latent of kv_a_proj_with_mqa x), the model scores
+        q_nope·k_nope + q_rope·k_rope,   q_nope = W_UQ c_q (q_b_proj's nope rows), k_nope = W_UK c_kv (kv_b_proj's
+                                          key rows),
+    and q_nope·k_nope = (W_UK^T W_UQ c_q)·c_kv: `q_b` maps c_q straight to a query in latent space that attends
+    the cached c_kv itself (DeepSeek-V2 §2.1.2). The values: o_proj(W_UV Σ_s p_s c_kv,s) = (o_proj W_UV) Σ_s p_s
+    c_kv,s: `o_absorbed`. Names: qkv_a = the stacked matrices of the block input, q_b = those of c_q, o_absorbed,
+    k_rope_perm = RoPE's permutations on the key side; the RMSNorm weights and the softmax scales are folded in."""
     a, f = layer.self_attn, (lambda t: t.detach().float())
     ix = a.indexer
     h, dn, dr, dv, kvl, HI, dI = a.n_heads, a.dn, a.dr, a.dv, a.kvl, ix.n_heads, ix.head_dim
     dev = a.kv_b_proj.weight.device
-    P, Q = _rope_perms(dr, dev)
-    Pi = torch.block_diag(P, torch.eye(dI - dr, device=dev))  # the indexer ropes only its first dr dims
-    Qi = torch.block_diag(Q, torch.zeros(dI - dr, dI - dr, device=dev))
-    WA = torch.cat([f(a.q_a_proj.weight), f(a.kv_a_proj_with_mqa.weight), f(ix.wk.weight),
-                    f(ix.weights_proj.weight) * ix.n_heads**-0.5]) * f(layer.input_layernorm.weight)
-    bA = None
+    rope_even_odd, rope_rotate = _rope_perms(dr, dev)
+    idx_even_odd = torch.block_diag(rope_even_odd, torch.eye(dI - dr, device=dev))  # the indexer ropes only its first dr dims
+    idx_rotate = torch.block_diag(rope_rotate, torch.zeros(dI - dr, dI - dr, device=dev))
+    # [q_a_proj; kv_a_proj_with_mqa; indexer.wk; indexer.weights_proj] · diag(input_layernorm): one matmul of x
+    qkv_a = torch.cat([f(a.q_a_proj.weight), f(a.kv_a_proj_with_mqa.weight), f(ix.wk.weight),
+                       f(ix.weights_proj.weight) * ix.n_heads**-0.5]) * f(layer.input_layernorm.weight)
+    qkv_a_bias = None
     if a.q_a_proj.bias is not None or a.kv_a_proj_with_mqa.bias is not None:
         z = lambda n: torch.zeros(n, device=dev)  # noqa: E731
-        bA = torch.cat([f(a.q_a_proj.bias) if a.q_a_proj.bias is not None else z(a.q_a_proj.weight.shape[0]),
-                        f(a.kv_a_proj_with_mqa.bias) if a.kv_a_proj_with_mqa.bias is not None else z(kvl + dr),
-                        z(dI + HI)]).to(dtype)
+        qkv_a_bias = torch.cat([f(a.q_a_proj.bias) if a.q_a_proj.bias is not None else z(a.q_a_proj.weight.shape[0]),
+                                f(a.kv_a_proj_with_mqa.bias) if a.kv_a_proj_with_mqa.bias is not None else z(kvl + dr),
+                                z(dI + HI)]).to(dtype)
     w_kv = f(a.kv_a_layernorm.weight)
-    qb = f(a.q_b_proj.weight).view(h, dn + dr, -1)
-    kvb = f(a.kv_b_proj.weight).view(h, dn + dv, kvl)
-    lat = torch.einsum("hdc,hdj->hcj", kvb[:, :dn], qb[:, :dn]) * (w_kv[:, None] * a.scale)  # W_UK absorbed
-    rot = qb[:, dn:] * a.scale
+    W_UQ_and_QR = f(a.q_b_proj.weight).view(h, dn + dr, -1)  # per head: the nope rows W_UQ, then the rope rows W_QR
+    W_UK_and_UV = f(a.kv_b_proj.weight).view(h, dn + dv, kvl)  # per head: the key rows W_UK, then the value rows W_UV
+    W_UK, W_UV = W_UK_and_UV[:, :dn], W_UK_and_UV[:, dn:]
+    q_nope_absorbed = torch.einsum("hdc,hdj->hcj", W_UK, W_UQ_and_QR[:, :dn]) * (w_kv[:, None] * a.scale)  # W_UK^T W_UQ
+    q_rope = W_UQ_and_QR[:, dn:] * a.scale
     iq = f(ix.wq_b.weight).view(HI, dI, -1) * ix.softmax_scale  # relu(s)·c = relu(s·c) for c > 0
-    WB = torch.cat([lat.reshape(h * kvl, -1), (P @ rot).reshape(h * dr, -1), (Pi @ iq).reshape(HI * dI, -1),
-                    (Q @ rot).reshape(h * dr, -1), (Qi @ iq).reshape(HI * dI, -1)]) * f(a.q_a_layernorm.weight)
+    # [W_UK^T W_UQ | P W_QR | P wq_b | Q W_QR | Q wq_b] · diag(q_a_layernorm): RoPE(v) = (P v)·cos + (Q v)·sin
+    q_b = torch.cat([q_nope_absorbed.reshape(h * kvl, -1), (rope_even_odd @ q_rope).reshape(h * dr, -1),
+                     (idx_even_odd @ iq).reshape(HI * dI, -1), (rope_rotate @ q_rope).reshape(h * dr, -1),
+                     (idx_rotate @ iq).reshape(HI * dI, -1)]) * f(a.q_a_layernorm.weight)
     H = a.o_proj.weight.shape[0]
-    Wo = torch.einsum("ohv,hvc->ohc", f(a.o_proj.weight).view(H, h, dv), kvb[:, dn:] * w_kv).reshape(H, -1)
+    o_absorbed = torch.einsum("ohv,hvc->ohc", f(a.o_proj.weight).view(H, h, dv), W_UV * w_kv).reshape(H, -1)
     # the key side [k_rot | indexer key] → [P k | Q k] in one matmul: RoPE is then two multiplies and an add
-    Mk = torch.cat([torch.block_diag(P, Pi), torch.block_diag(Q, Qi)]).t()
+    k_rope_perm = torch.cat([torch.block_diag(rope_even_odd, idx_even_odd), torch.block_diag(rope_rotate, idx_rotate)]).t()
     ln, c = ix.k_norm, lambda v: torch.tensor(v, dtype=torch.float32, device=dev)  # noqa: E731
     return SimpleNamespace(
-        WA=WA.t().contiguous().to(dtype), bA=bA, WB=WB.t().contiguous().to(dtype), Wo=Wo.t().contiguous().to(dtype),
-        bo=None if a.o_proj.bias is None else a.o_proj.bias.detach().to(dtype), Mk=Mk.contiguous().to(dtype),
+        qkv_a=qkv_a.t().contiguous().to(dtype), qkv_a_bias=qkv_a_bias, q_b=q_b.t().contiguous().to(dtype),
+        o_absorbed=o_absorbed.t().contiguous().to(dtype),
+        o_bias=None if a.o_proj.bias is None else a.o_proj.bias.detach().to(dtype),
+        k_rope_perm=k_rope_perm.contiguous().to(dtype),
         kn_w=ln.weight.detach().to(dtype), kn_b=ln.bias.detach().to(dtype), kn_eps=ln.eps,
-        splitA=[a.q_a_proj.weight.shape[0], kvl, dr, dI, HI], splitB=[h * kvl, h * dr + HI * dI, h * dr + HI * dI],
+        split_qkv_a=[a.q_a_proj.weight.shape[0], kvl, dr, dI, HI],
+        split_q_b=[h * kvl, h * dr + HI * dI, h * dr + HI * dI],
         h=h, kvl=kvl, dr=dr, HI=HI, dI=dI, topk=a.cfg.index_topk,
         eps=c(layer.input_layernorm.eps), eps_q=c(a.q_a_layernorm.eps), eps_kv=c(a.kv_a_layernorm.eps))
 
@@ -163,46 +181,48 @@ def _version(t: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
-class KVCache:
-    """kv (layers, slots + 1, capacity, kvl + rope + index_dim) and `lengths` (slots,) tokens held per slot.
-    Slot `slots` is scratch for padded rows. capacity = max_seq_len + headroom (speculative drafts)."""
+class PagedKVCache:
+    """The paged compressed cache: kv (layers, (num_blocks + 1) · block_size, kvl + rope + index_dim), block b
+    holding rows b·block_size .. (b+1)·block_size - 1. Position p of a sequence with block table t is row
+    t[p // block_size] · block_size + p % block_size (block_manager.py decides the tables). Block `num_blocks`
+    is scratch: padded rows of a batch, and positions no block covers, write there and are never read."""
 
-    def __init__(self, n_layers: int, slots: int, max_seq_len: int, headroom: int, width: int, device, dtype):
-        self.slots, self.max_seq_len, self.capacity = slots, max_seq_len, max_seq_len + headroom
-        self.kv = torch.zeros(n_layers, slots + 1, self.capacity, width, device=device, dtype=dtype)
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, width: int, device, dtype):
+        self.num_blocks, self.block_size, self.scratch = num_blocks, block_size, num_blocks
+        self.kv = torch.zeros(n_layers, (num_blocks + 1) * block_size, width, device=device, dtype=dtype)
         self.layers = self.kv.unbind(0)
-        self.lengths = [0] * slots
 
     def nbytes(self) -> int:
-        """Bytes requests can use: slots × max_seq_len tokens (the scratch slot and headroom not counted)."""
-        n_layers, _, _, width = self.kv.shape
-        return n_layers * self.slots * self.max_seq_len * width * self.kv.element_size()
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
+        """Bytes the blocks requests can use hold (the scratch block not counted)."""
+        n_layers, _, width = self.kv.shape
+        return n_layers * self.num_blocks * self.block_size * width * self.kv.element_size()
 
 
 # ---------------------------------------------------------------------------------------------- the forward
 class Decoder:
-    """The engine's forward. `run(stack, ids, start, slots, h_prev)` eagerly; `run_static(...)` with the batch
+    """The engine's forward. `run(stack, ids, start, tables, h_prev)` eagerly; `run_static(...)` with the batch
     padded to a bucket (CUDA graph per bucket on CUDA). stack "main" is the model; "mtp" its first MTP layer,
-    whose input is the main model's hidden state h_i and the next token x_{i+1} (model.MTPLayer)."""
+    whose input is the main model's hidden state h_i and the next token x_{i+1} (model.MTPLayer); each has its
+    own PagedKVCache, both addressed by the same block tables."""
 
-    def __init__(self, model: GLM5, max_batch: int, max_seq_len: int, headroom: int, device, sparse: bool,
-                 tie_break: str, mtp: bool):
+    def __init__(self, model: GLM5, num_blocks: int, block_size: int, max_seq_len: int, headroom: int, device,
+                 sparse: bool, tie_break: str, mtp: bool):
         cfg = self.cfg = model.config
         self.model, self.device, self.sparse, self.tie_break = model, device, sparse, tie_break
         self.dtype = model.embed_tokens.weight.dtype
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.index_head_dim
-        self.cache = KVCache(cfg.num_hidden_layers, max_batch, max_seq_len, headroom, width, device, self.dtype)
-        self.mtp_cache = KVCache(1, max_batch, max_seq_len, headroom, width, device, self.dtype) if mtp else None
-        cap = self.cache.capacity
-        self.ar = torch.arange(cap, device=device)
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, width, device, self.dtype)
+        self.mtp_cache = PagedKVCache(1, num_blocks, block_size, width, device, self.dtype) if mtp else None
+        self.block_size, self.capacity = block_size, max_seq_len + headroom  # positions a sequence may reach
+        cap = self.capacity
+        self.max_blocks = -(-cap // block_size)  # block-table width
+        self.ar = torch.arange(self.max_blocks * block_size, device=device)
+        self.blk, self.off = self.ar // block_size, self.ar % block_size  # position → (table column, row in block)
         # RoPE tables, built once (model.rope_cos_sin's arithmetic) and gathered once per forward for all layers:
         # query side [q_rot of every head | indexer queries], key side [k_rot | indexer key]
         dr, dI, h, HI = cfg.qk_rope_head_dim, cfg.index_head_dim, cfg.num_attention_heads, cfg.index_n_heads
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float, device=device) / dr))
-        freqs = self.ar[:, None].float() * inv_freq
+        freqs = self.ar[:cap, None].float() * inv_freq
         c2, s2 = freqs.cos().repeat(1, 2), freqs.sin().repeat(1, 2)
         ci = torch.cat([c2, torch.ones(cap, dI - dr, device=device)], 1)
         si = torch.cat([s2, torch.zeros(cap, dI - dr, device=device)], 1)
@@ -212,19 +232,19 @@ class Decoder:
         self.rope_split = [R, R, dr + dI, dr + dI]
         self._state = list(model.parameters()) + list(model.buffers())
         self._key = None
-        self.graphs: dict = {}  # (stack, T, bucket) → static buffers (+ a CUDA graph)
+        self.graphs: dict = {}  # (stack, T, bucket, blocks) → static buffers (+ a CUDA graph)
         self.static = False  # inside run_static: the MoE always gathers (static shapes, no host sync)
         self._buffers: dict[str, torch.Tensor] = {}  # expert matrices gathered for decode
         self.refresh()
 
     # -- weights -----------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Rebuild the derived weights if any parameter or buffer changed since the last call. In place when the
-        storages did not move, so captured CUDA graphs stay valid; otherwise the graphs are dropped."""
+    def refresh(self) -> bool:
+        """Rebuild the derived weights if any parameter or buffer changed since the last call (→ True). In place
+        when the storages did not move, so captured CUDA graphs stay valid; otherwise the graphs are dropped."""
         ptrs = tuple(t.data_ptr() for t in self._state)
         key = (ptrs, tuple(_version(t) for t in self._state))
         if key == self._key:
-            return
+            return False
         new = derive_weights(self.model, self.dtype)
         if self._key is not None and ptrs == self._key[0] and self.graphs:
             for old, t in zip(_tensors_of(self.weights, []), _tensors_of(new, [])):
@@ -234,32 +254,60 @@ class Decoder:
             self.weights = new
             self.graphs.clear()
         self._key = key
+        return True
 
     # -- one forward -------------------------------------------------------------------------------
+    def _table(self, tables: list[list[int]], width: int) -> list[list[int]]:
+        """Block tables padded with the scratch block to `width` columns."""
+        pad = self.cache.scratch
+        return [t[:width] + [pad] * (width - len(t)) for t in tables]
+
+    def _strided(self, tables: list[list[int]], nb: int) -> tuple[int, int] | None:
+        """(first block, stride) when row b's blocks are first + b·stride, first + b·stride + 1, ...: then the batch's
+        keys are one strided view of the cache, nb blocks per row, no gather (a shorter row's view runs on past its
+        own blocks into positions its queries mask; every cache entry is finite, so they weigh exactly 0). The
+        block manager hands each batch slot its own run of blocks first (`Sequence.home`), so this holds unless
+        prefixes are shared or the pool ran short."""
+        if not all(tables):
+            return None
+        first = tables[0][0]
+        stride = tables[1][0] - first if len(tables) > 1 else 1
+        if stride < 1 or first + (len(tables) - 1) * stride + nb > self.cache.num_blocks + 1:
+            return None
+        for b, t in enumerate(tables):
+            t0 = first + b * stride
+            if t[:nb] != list(range(t0, t0 + min(len(t), nb))):
+                return None
+        return first, stride
+
     @torch.inference_mode()
-    def run(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], h_prev=None,
+    def run(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], h_prev=None,
             last: list[int] | None = None):
-        """ids (B, T) on the device, right-padded; row b holds the tokens at positions start[b]..start[b]+T-1 of
-        slot slots[b] and writes them to the cache (the caller counts only its real ones in `lengths`).
-        h_prev (B, T, H): the main model's hidden states (stack "mtp"). → hidden (B, T, H) and the logits,
+        """ids (B, T) on the device, right-padded; row b holds the tokens at positions start[b]..start[b]+T-1 of a
+        sequence with block table tables[b] and writes their keys to the cache (the caller counts only its real
+        ones). h_prev (B, T, H): the main model's hidden states (stack "mtp"). → hidden (B, T, H) and the logits,
         (B, T, V), or (B, V) at each row's index `last[b]` when given. hidden is before the final norm (main) or
         the MTP layer's normed output (what a chained draft feeds back)."""
         B, T = ids.shape
-        meta = torch.tensor([start, slots] + ([last] if last is not None else []), device=self.device)
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        rows = slice(slots[0], slots[0] + B) if contiguous else meta[1]
         S = max(start) + T
+        nb = -(-S // self.block_size)
+        meta = torch.tensor([start] + ([last] if last is not None else []), device=self.device)
+        table = torch.tensor(self._table(tables, nb), device=self.device)
+        view = self._strided(tables, nb)
         sparse = self.sparse and S > self.cfg.index_topk
-        return self._forward(stack, ids, meta[0], meta[1], rows, S, sparse, h_prev,
-                             meta[2] if last is not None else None)
+        return self._forward(stack, ids, meta[0], table, view, S, sparse, h_prev, meta[1] if last is not None else None)
 
-    def _forward(self, stack, ids, start, slot, rows, S, sparse, h_prev, last=None):
+    def _forward(self, stack, ids, start, table, view, S, sparse, h_prev, last=None):
+        """table (B, >= S / block_size) block ids; view: (first block, stride) when the rows' blocks are consecutive
+        runs at a fixed stride (`_strided`: their keys are read as one strided view), else None (the rows gathered
+        through the table after each layer's write)."""
         W, (B, T) = self.weights, ids.shape
-        N = B * T
+        N, bs = B * T, self.block_size
         pos = (start[:, None] + self.ar[:T]).view(-1)  # (N,)
         rope = self.rope[pos].split(self.rope_split, -1)
         neg = torch.zeros(B, T, S, device=self.device).masked_fill_(self.ar[:S] > pos.view(B, T, 1), float("-inf"))
-        write = (slot[:, None].expand(B, T), pos.view(B, T))
+        p2 = pos.view(B, T)
+        write = (table.gather(1, self.blk[p2]) * bs + self.off[p2],)  # (B, T): the cache row of each new token
         x = W.emb[ids.view(-1)]
         if stack == "mtp":
             M = W.mtp[0]
@@ -267,8 +315,12 @@ class Decoder:
             layers, cache = [M], self.mtp_cache
         else:
             layers, cache = W.layers, self.cache
-        # contiguous slots: every layer's cached rows as views, taken once; otherwise gathered after each write
-        reads = cache.kv[:, rows, :S].unbind(0) if isinstance(rows, slice) else [rows] * len(layers)
+        if view is not None:
+            kv, (first, stride) = cache.kv, view
+            L, R, Wd = kv.shape
+            reads = kv.as_strided((L, B, S, Wd), (R * Wd, stride * bs * Wd, Wd, 1), first * bs * Wd).unbind(0)
+        else:  # the cache row of every position 0..S-1 of every row, (B·S,)
+            reads = [(table[:, self.blk[:S]] * bs + self.off[:S]).view(-1)] * len(layers)
         for L, kv, cached in zip(layers, cache.layers, reads):
             x = self._attention(L.attn, x, kv, write, cached, S, sparse, neg, rope, B, T)
             x = self._mlp(L.mlp, x)
@@ -284,17 +336,17 @@ class Decoder:
         N, h, kvl, dr, HI, dI = x.shape[0], L.h, L.kvl, L.dr, L.HI, L.dI
         cq, sq, ck, sk = rope
         xn = _rms(x, L.eps)
-        a = torch.mm(xn, L.WA) if L.bA is None else torch.addmm(L.bA, xn, L.WA)
-        qa, ckv, kr, ik, iw = a.split(L.splitA, -1)
-        lat, rp, rq = torch.mm(_rms(qa, L.eps_q), L.WB).split(L.splitB, -1)
+        a = torch.mm(xn, L.qkv_a) if L.qkv_a_bias is None else torch.addmm(L.qkv_a_bias, xn, L.qkv_a)
+        qa, ckv, kr, ik, iw = a.split(L.split_qkv_a, -1)
+        lat, rp, rq = torch.mm(_rms(qa, L.eps_q), L.q_b).split(L.split_q_b, -1)
         r = torch.addcmul(rp * cq, rq, sq)  # roped [q_rot of each head | indexer queries]
         q = torch.cat([lat.view(N, h, kvl), r[:, : h * dr].view(N, h, dr)], -1)  # (N, h, kvl + dr)
-        z = torch.mm(torch.cat([kr, F.layer_norm(ik, (dI,), L.kn_w, L.kn_b, L.kn_eps)], -1), L.Mk)
+        z = torch.mm(torch.cat([kr, F.layer_norm(ik, (dI,), L.kn_w, L.kn_b, L.kn_eps)], -1), L.k_rope_perm)
         W2 = dr + dI
         new = torch.cat([_rms(ckv, L.eps_kv), torch.addcmul(z[:, :W2] * ck, z[:, W2:], sk)], -1)  # [c_kv|k_rot|index key]
         kv.index_put_(write, new.view(B, T, -1))
-        if cached.dim() == 1:  # slot ids (not contiguous): gather the rows now, after the write
-            cached = kv[cached, :S]
+        if cached.dtype == torch.long:  # cache rows (B·S,) through the block tables: gathered now, after the write
+            cached = kv.index_select(0, cached).view(B, S, -1)
         latent = cached[..., : kvl + dr]
         if sparse:  # DSA: index scores over every cached key, top-k, attention over the selected latents
             iq, ikc = r[:, h * dr:], cached[..., kvl + dr:]
@@ -313,8 +365,8 @@ class Decoder:
         return self._out(L, x, torch.bmm(p.view(B, T * h, S), cached[..., :kvl]))
 
     def _out(self, L, x, o):
-        out = torch.addmm(x, o.reshape(x.shape[0], -1), L.Wo)  # W_UV and o_proj, with the residual
-        return out if L.bo is None else out + L.bo
+        out = torch.addmm(x, o.reshape(x.shape[0], -1), L.o_absorbed)  # W_UV and o_proj, with the residual
+        return out if L.o_bias is None else out + L.o_bias
 
     def _mlp(self, L, x):
         N, I = x.shape[0], L.I
@@ -367,31 +419,37 @@ class Decoder:
 
     # -- static shapes: buckets and CUDA graphs -------------------------------------------------------
     @torch.inference_mode()
-    def run_static(self, stack: str, ids: torch.Tensor, start: list[int], slots: list[int], bucket: int,
+    def run_static(self, stack: str, ids: torch.Tensor, start: list[int], tables: list[list[int]], bucket: int,
                    h_prev=None, capture: bool = False):
-        """`run` with the batch padded to `bucket` rows (padded rows: scratch slot, position 0) and attention over
-        the whole capacity, every input in a fixed buffer; with capture=True (CUDA) the first call per
-        (stack, T, bucket) records a CUDA graph and later calls replay it. Same outputs as `run`."""
+        """`run` with the batch padded to `bucket` rows (padded rows: position 0 in the scratch block) and attention
+        over a length bucket (the block tables padded to the next power of two of blocks the longest row needs, at
+        most the full width), every input in a fixed buffer; with capture=True (CUDA) the first call per
+        (stack, T, bucket, blocks) records a CUDA graph and later calls replay it. Same outputs as `run`."""
         B, T = ids.shape
-        key = (stack, T, bucket)
+        need = -(-(max(start) + T) // self.block_size)
+        width = min(self.max_blocks, 1 << (need - 1).bit_length())  # blocks attended: a power of two
+        key = (stack, T, bucket, width)
         g = self.graphs.get(key)
         if g is None:
             H = self.cfg.hidden_size
             g = self.graphs[key] = SimpleNamespace(
                 ids=torch.zeros(bucket, T, dtype=torch.long, device=self.device),
-                meta=torch.zeros(2, bucket, dtype=torch.long, device=self.device),
+                start=torch.zeros(bucket, dtype=torch.long, device=self.device),
+                table=torch.zeros(bucket, width, dtype=torch.long, device=self.device),
                 h=torch.zeros(bucket, T, H, dtype=self.dtype, device=self.device) if stack == "mtp" else None,
                 graph=None, out=None)
         g.ids.zero_()
         g.ids[:B] = ids
-        g.meta.copy_(torch.tensor([start + [0] * (bucket - B), slots + [self.cache.slots] * (bucket - B)]))
+        g.start.copy_(torch.tensor(start + [0] * (bucket - B)))
+        g.table.copy_(torch.tensor(self._table(tables + [[]] * (bucket - B), width)))
         if h_prev is not None:
             g.h[:B] = h_prev
         if g.out is None or not capture:
             self.static = True
             try:
-                fwd = lambda: self._forward(stack, g.ids, g.meta[0], g.meta[1], g.meta[1], self.cache.capacity,  # noqa: E731
-                                            self.sparse and self.cache.capacity > self.cfg.index_topk, g.h)
+                S = width * self.block_size
+                fwd = lambda: self._forward(stack, g.ids, g.start, g.table, None, S,  # noqa: E731
+                                            self.sparse and S > self.cfg.index_topk, g.h)
                 if capture:
                     s = torch.cuda.Stream()
                     s.wait_stream(torch.cuda.current_stream())

@@ -9,10 +9,14 @@ Holds, top to bottom:
     importance ratios need);
   - stop strings: `find_stop`, the one check the engine (to finish a request) and the server (to cut its
     text) both use;
-  - `Engine`: a continuous-batching scheduler (nano-vllm's waiting/running queues) with admission limits
-    (max concurrent sequences, max tokens in flight), right-padded batched prefill, and batched decode of
-    every running slot (B×1 tokens, one position per row) or, with `speculative="mtp"`, batched verification
-    of the MTP layer's drafts (speculative.py).
+  - `Engine`: the loop. Each step asks the scheduler what to run, runs the (chunked) prefills in right-padded
+    batches and one batched decode of every other running sequence (B×1 tokens, one position per row) or, with
+    `speculative="mtp"`, batched verification of the MTP layer's drafts (speculative.py), samples, and finishes
+    requests.
+
+The rooms, as nano-vllm splits them: block_manager.py (the paged cache's blocks, ref counts and hash-chained
+prefix reuse), scheduler.py (sequences, admission by free blocks, chunked prefill, preemption by recompute),
+decode.py (the model runner: the folded weights and the forward over block tables), this file (the loop).
 
 The forward itself is decode.py: MLA in its absorbed (MQA) form over the compressed cache (DeepSeek-V2 §2.1.2),
 DSA's top-k selection once a context is longer than index_topk (DeepSeek-V3.2 §2.1), fused and folded weights,
@@ -23,24 +27,27 @@ matrices are rebuilt whenever a parameter changes in place (its version counter 
 `.data`), so the next step runs with whatever `engine.model` holds. The cache of running requests was written by
 the older weights; that is what "partial rollout" means in asynchronous RL.
 
-Simplified: no paged blocks or prefix caching (one contiguous region per slot), no chunked prefill, no
-preemption (admission reserves prompt + max_tokens up front, so a running request never runs out of room).
+New weights also drop the prefix cache (block_manager.reset_prefix_cache): a new request never reads keys that
+an older policy wrote. Simplified: the paged attention is a gather of the sequence's cache rows per layer (no
+fused paged-attention kernel), speculative engines do not share prefixes (`prefix_caching` is off with MTP), and
+only full blocks are shared.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from nanoglm5.block_manager import BlockManager
 from nanoglm5.decode import Decoder
 from nanoglm5.model import GLM5, TIE_BREAKS, autocast_off
 from nanoglm5.precision import cast_model
 from nanoglm5.sampling import SamplingParams, draw, sample, sampling_logprobs  # noqa: F401 (re-exported)
+from nanoglm5.scheduler import Scheduler, Sequence
 from nanoglm5.speculative import MTPSpeculator
 
 
@@ -77,6 +84,8 @@ class Completion:
     top_logprobs: list[dict[int, float]] | None = None
     drafted: int = 0  # speculative decoding: MTP drafts verified for this request, and how many were accepted
     accepted: int = 0
+    # params.prompt_logprobs: per prompt token, the raw-model top-n log-probs and that token's own (None at 0)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class StepEvent(NamedTuple):
@@ -92,35 +101,16 @@ class StepEvent(NamedTuple):
     error: str | None = None  # isolate_errors: why this request failed (token_id is then -1, no token was added)
 
 
-@dataclass(eq=False)  # compared by identity
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    gen: torch.Generator | None
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[dict[int, float]] = field(default_factory=list)
-    slot: int = -1
-    stop_bytes: int = 0  # longest stop string in bytes: how many trailing tokens to decode when checking
-    drafts: list[int] = field(default_factory=list)  # speculative: the MTP layer's draft tokens for the next step
-    q: list = field(default_factory=list)  # their draft distributions (sampled requests), (V,) probs each
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def budget(self) -> int:  # tokens this request may occupy: reserved at admission
-        return len(self.prompt) + self.params.max_tokens
-
-
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Continuous batching over a compressed KV cache.
+    """Continuous batching over a paged compressed KV cache.
 
     Use: `rid = engine.add_request(ids, SamplingParams(...))`, then call `engine.step()` while
-    `engine.has_unfinished()`. Each step (1) admits waiting requests FIFO while a slot is free and the tokens
-    in flight (prompt + max_tokens of every running request) stay within max_tokens_in_flight, (2) prefills
-    the admitted ones (right-padded batches) and samples their first token, (3) decodes one token for every
+    `engine.has_unfinished()`. Each step (1) gives every decoding sequence room for its next positions,
+    preempting the newest when no block is free, and admits waiting requests FIFO while a slot is free and the
+    pool has blocks for their tokens (scheduler.py), (2) prefills the admitted ones from their cached prefix on,
+    at most `chunked_prefill` tokens per step, and samples the first token of those whose prompt is complete,
+    (3) decodes one token for every
     other running request, as one (B, 1) batch (speculative: verifies each one's drafts and emits 1 to
     num_draft + 1 tokens). It returns one `StepEvent(request_id, token_id, logprob, completion, top_logprobs)`
     per new token, in order; `completion` is not None when the request finished at this token, and its slot is
@@ -136,6 +126,10 @@ class Engine:
     bucket padding and static shapes run eagerly (what the CPU tests check). Decode batches up to the largest
     of `graph_buckets` (default: powers of two up to max_batch) are padded to the next bucket.
     device / dtype: where and in what precision the model runs; the model is moved there (in place) if needed.
+    max_tokens_in_flight: cache positions in the pool (at most max_batch × max_seq_len are allocated), in blocks
+    of `block_size`; a request whose prompt + max_tokens exceeds it is refused. prefix_caching: share the full
+    blocks of common prefixes (default: on, off with speculative="mtp"); `engine.stats()` counts prefill tokens
+    computed and the hit rate. chunked_prefill: prompt tokens computed per step over all prefills (None: all).
     isolate_errors: False (default): an exception while sampling or finishing a request propagates out of
     step(), as any bug should in training and evaluation. True (the server): that request alone is finished
     with finish_reason "error" and a StepEvent whose `error` says why, and the rest of its batch goes on."""
@@ -144,7 +138,8 @@ class Engine:
                  max_seq_len: int | None = None, device=None, sparse: bool = True, prefill_tokens: int = 4096,
                  tie_break: str = "stable", speculative: str | None = None, num_draft: int = 1,
                  graphs: str = "auto", graph_buckets: list[int] | None = None, dtype: torch.dtype | None = None,
-                 isolate_errors: bool = False):
+                 isolate_errors: bool = False, block_size: int = 16, prefix_caching: bool | None = None,
+                 chunked_prefill: int | None = 512):
         cfg = model.config
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break={tie_break!r}: use 'stable' (cache-consistent) or 'topk' (reference-exact)")
@@ -171,7 +166,9 @@ class Engine:
         self.graph_buckets = sorted(graph_buckets or [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < max_batch]
                                     + [max_batch])
         self.max_batch, self.max_tokens_in_flight = max_batch, max_tokens_in_flight
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        # default: what one request can use (no request exceeds max_tokens_in_flight), not the model's whole
+        # context, so the RoPE tables and the block tables of a long-context preset stay the pool's size
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, max_tokens_in_flight)
         if self.max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; pass max_seq_len <= {cfg.max_position_embeddings}")
@@ -180,16 +177,31 @@ class Engine:
         self.isolate_errors = isolate_errors
         # drafts are written past a request's budget (then rolled back): room for the longest chain
         headroom = 2 * num_draft + 1 if speculative else 0
-        self.decoder = Decoder(self.model, max_batch, self.max_seq_len, headroom, self.device, sparse, tie_break,
-                               mtp=speculative is not None)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be an integer >= 1")
+        # the MTP layer's key at position i reads token i+1, past a block's own tokens: its blocks are not a pure
+        # function of their prefix, so speculative engines do not share prefixes
+        if prefix_caching and speculative:
+            raise ValueError("prefix_caching=True with speculative='mtp' is not supported (the MTP layer's cached key "
+                             "at a block's last position depends on the next block's first token); pick one")
+        self.prefix_caching = not speculative if prefix_caching is None else prefix_caching
+        # the pool: max_tokens_in_flight positions, never more than max_batch full-length sequences (what a
+        # contiguous cache would hold), and one sequence's draft headroom, in blocks
+        pool = min(max_tokens_in_flight, max_batch * self.max_seq_len) + headroom
+        num_blocks = -(-pool // block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, self.prefix_caching)
+        self.scheduler = Scheduler(max_batch, self.block_manager, chunked_prefill, headroom or 1,
+                                   -(-(self.max_seq_len + headroom) // block_size))
+        self.decoder = Decoder(self.model, num_blocks, block_size, self.max_seq_len, headroom, self.device, sparse,
+                               tie_break, mtp=speculative is not None)
         self.cache = self.decoder.cache
         self.spec = MTPSpeculator(self) if speculative else None
-        self.waiting: deque[_Request] = deque()
-        self.running: dict[str, _Request] = {}
-        self.free_slots = list(range(max_batch))
+        self.waiting, self.running = self.scheduler.waiting, self.scheduler.running
+        self.free_slots = self.scheduler.free_slots
         self._ids = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.drafted = self.accepted = 0  # speculative decoding, over the engine's life
+        self.prompt_tokens = self.prefill_computed = 0  # tokens admitted as prompts / computed by prefills
 
     @property
     def acceptance_rate(self) -> float:
@@ -205,7 +217,17 @@ class Engine:
 
     @property
     def tokens_in_flight(self) -> int:
-        return sum(r.budget for r in self.running.values())
+        """Cache positions the running sequences hold (blocks in use × block size; shared blocks once)."""
+        bm = self.block_manager
+        return len({b for r in self.running.values() for b in r.blocks}) * bm.block_size
+
+    def stats(self) -> dict:
+        """Engine counters over its life: prompt tokens of the requests added, prefill tokens computed (a preempted
+        request's recompute included), cache-hit tokens and hit rate (cached / looked-up tokens at each admission),
+        preemptions."""
+        bm = self.block_manager
+        return {"prompt_tokens": self.prompt_tokens, "prefill_computed": self.prefill_computed,
+                "cache_hit_tokens": bm.hits, "hit_rate": bm.hit_rate, "preemptions": self.scheduler.preemptions}
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -237,14 +259,17 @@ class Engine:
             raise ValueError(f"top_p={p.top_p} must be in (0, 1]")
         if p.top_k < 0 or p.logprobs < 0:
             raise ValueError(f"top_k={p.top_k} and logprobs={p.logprobs} must be >= 0")
+        if p.prompt_logprobs is not None and (not isinstance(p.prompt_logprobs, int) or p.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs={p.prompt_logprobs!r} must be None (off) or an integer >= 0")
         if p.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer=...) or use stop_token_ids")
         gen = None
         if p.temperature > 0:
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (), generator=self._seed_gen))
             gen = torch.Generator(self.device).manual_seed(seed)
-        req = _Request(rid, prompt, p, gen, stop_bytes=max((len(s.encode()) for s in p.stop), default=0))
+        req = Sequence(rid, prompt, p, gen, stop_bytes=max((len(s.encode()) for s in p.stop), default=0))
         self.waiting.append(req)
+        self.prompt_tokens += len(prompt)
         return rid
 
     def has_unfinished(self) -> bool:
@@ -256,7 +281,7 @@ class Engine:
             if r.id == request_id:
                 self.waiting.remove(r)
                 return True
-        r = self.running.pop(request_id, None)
+        r = self.running.get(request_id)
         if r is not None:
             self._free(r)
         return r is not None
@@ -268,24 +293,10 @@ class Engine:
             self.abort(rid)
         return ids
 
-    def _free(self, r: _Request) -> None:
-        self.cache.free(r.slot)
-        if self.decoder.mtp_cache is not None:
-            self.decoder.mtp_cache.free(r.slot)
-        self.free_slots.append(r.slot)
-        self.free_slots.sort()  # lowest slots first: running requests stay contiguous, read as views
+    def _free(self, r: Sequence) -> None:
+        self.scheduler.remove(r)
 
-    # -- the scheduler ---------------------------------------------------------------------------
-    def _admit(self) -> list[_Request]:
-        admitted, in_flight = [], self.tokens_in_flight
-        while self.waiting and self.free_slots and in_flight + self.waiting[0].budget <= self.max_tokens_in_flight:
-            r = self.waiting.popleft()
-            r.slot = self.free_slots.pop(0)
-            in_flight += r.budget
-            self.running[r.id] = r
-            admitted.append(r)
-        return admitted
-
+    # -- the loop ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         # the engine's dtype is its weights' and its routing and index scores are fp32 (decode.py): a caller's
@@ -294,18 +305,17 @@ class Engine:
             return self._step()
 
     def _step(self) -> list[StepEvent]:
-        self.decoder.refresh()  # the weights may have changed since the last step
-        admitted = self._admit()
-        new = {r.id for r in admitted}
-        decoding = [r for r in self.running.values() if r.id not in new]
+        if self.decoder.refresh():  # the weights changed: keys cached by the old ones serve no new request
+            self.block_manager.reset_prefix_cache()
+        prefill, decoding = self.scheduler.schedule()
         events = []
         # prefill in right-padded groups of similar length, each at most prefill_tokens padded tokens
-        group: list[_Request] = []
-        for r in sorted(admitted, key=lambda r: len(r.prompt)):
-            if group and (len(group) + 1) * len(r.prompt) > self.prefill_tokens:
+        group: list[tuple[Sequence, int]] = []
+        for r, n in sorted(prefill, key=lambda rn: rn[1]):
+            if group and (len(group) + 1) * n > self.prefill_tokens:
                 events += self._prefill(group)
                 group = []
-            group.append(r)
+            group.append((r, n))
         if group:
             events += self._prefill(group)
         if decoding:
@@ -313,43 +323,77 @@ class Engine:
             events += self.spec.decode(decoding) if self.spec else self._decode(decoding)
         return events
 
-    def run(self, stack: str, ids: torch.Tensor, reqs: list[_Request], start: list[int], h_prev=None, last=None,
+    def run(self, stack: str, ids: torch.Tensor, reqs: list[Sequence], start: list[int], h_prev=None, last=None,
             decode=True):
         """One forward of `stack` ("main" or "mtp") for reqs, ids (B, T) at positions start[b]...; decode-sized
         batches go through the graph buckets. → hidden (B, T, H), logits (B, T, V) (or (B, V) at `last`)."""
-        slots = [r.slot for r in reqs]
+        tables = [r.blocks for r in reqs]
         B = len(reqs)
         if decode and self.graphs != "off" and B <= self.graph_buckets[-1]:
             bucket = next(b for b in self.graph_buckets if b >= B)
-            hidden, logits = self.decoder.run_static(stack, ids, start, slots, bucket, h_prev,
+            hidden, logits = self.decoder.run_static(stack, ids, start, tables, bucket, h_prev,
                                                      capture=self.graphs == "cuda")
             if last is not None:
                 logits = logits[torch.arange(B, device=self.device), torch.tensor(last, device=self.device)]
             return hidden, logits
-        return self.decoder.run(stack, ids, start, slots, h_prev, last)
+        return self.decoder.run(stack, ids, start, tables, h_prev, last)
 
-    def _prefill(self, reqs: list[_Request]) -> list[StepEvent]:
-        T = max(len(r.prompt) for r in reqs)
-        ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
-        hidden, logits = self.run("main", ids, reqs, [0] * len(reqs), last=[len(r.prompt) - 1 for r in reqs],
-                                  decode=False)
-        for r in reqs:
-            self.cache.lengths[r.slot] = len(r.prompt)
-        events = self._sample(reqs, logits)
+    def _prefill(self, group: list[tuple[Sequence, int]]) -> list[StepEvent]:
+        """Compute n tokens of each sequence from its `computed` on; those whose prompt is then complete sample."""
+        reqs, T = [r for r, _ in group], max(n for _, n in group)
+        start = [r.computed for r in reqs]
+        fed = [r.tokens[c:c + n] for (r, n), c in zip(group, start)]
+        ids = torch.tensor([f + [0] * (T - len(f)) for f in fed], device=self.device)
+        last = [n - 1 for _, n in group]
+        if any(r.params.prompt_logprobs is not None for r in reqs):  # logits at every position, for the scoring
+            hidden, full = self.run("main", ids, reqs, start, decode=False)
+            self._prompt_logprobs(group, start, full)
+            logits = full[torch.arange(len(reqs), device=self.device), torch.tensor(last, device=self.device)]
+        else:
+            hidden, logits = self.run("main", ids, reqs, start, last=last, decode=False)
+        for r, n in group:
+            r.computed += n
+            self.prefill_computed += n
+            self.block_manager.register(r)
+        done = [b for b, r in enumerate(reqs) if r.computed == len(r.prompt) + len(r.out)]
+        for b in done:
+            reqs[b].prefilled = True
+        events = self._sample([reqs[b] for b in done], logits[torch.tensor(done, device=self.device)]) if done else []
         if self.spec:
             live = [b for b, r in enumerate(reqs) if r.id in self.running]
             if live:
-                self.spec.prefill([reqs[b] for b in live], hidden[torch.tensor(live, device=self.device)])
+                self.spec.prefill([reqs[b] for b in live], [start[b] for b in live], [group[b][1] for b in live],
+                                  hidden[torch.tensor(live, device=self.device)])
         return events
 
-    def _decode(self, reqs: list[_Request]) -> list[StepEvent]:
+    def _prompt_logprobs(self, group, start: list[int], logits: torch.Tensor) -> None:
+        """Append the prompt-token entries this chunk's logits (B, T, V) give: position j scores prompt token j+1."""
+        for b, (r, n) in enumerate(group):
+            k = r.params.prompt_logprobs
+            if k is None:
+                continue
+            if not r.prompt_lp:
+                r.prompt_lp.append(None)  # the first token has no context
+            c, P = start[b], len(r.prompt)
+            lo, hi = len(r.prompt_lp) - 1, min(c + n, P - 1)  # positions whose entries are missing (a recompute
+            if hi <= lo:                                          # after preemption has them already)
+                continue
+            lp = logits[b, lo - c:hi - c].float().log_softmax(-1)
+            nxt = torch.tensor(r.prompt[lo + 1:hi + 1], device=lp.device)
+            own = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for t, o, vs, ids in zip(nxt.tolist(), own, vals.tolist(), idx.tolist()):
+                r.prompt_lp.append({**dict(zip(ids, vs)), t: o})
+
+    def _decode(self, reqs: list[Sequence]) -> list[StepEvent]:
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
-        _, logits = self.run("main", ids, reqs, [self.cache.lengths[r.slot] for r in reqs])
+        _, logits = self.run("main", ids, reqs, [r.computed for r in reqs])
         for r in reqs:
-            self.cache.lengths[r.slot] += 1
+            r.computed += 1
+            self.block_manager.register(r)
         return self._sample(reqs, logits[:, 0])
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepEvent]:
+    def _sample(self, reqs: list[Sequence], logits: torch.Tensor) -> list[StepEvent]:
         logits = logits.float()
         raw = logits.log_softmax(-1) if any(r.params.logprobs for r in reqs) else None
         toks, lps = logits.argmax(-1).tolist(), [0.0] * len(reqs)  # greedy rows: one argmax, one transfer
@@ -372,7 +416,7 @@ class Engine:
         return [self._fail(r, failed[b]) if b in failed else self._emit(r, t, lp, raw[b] if raw is not None else None)
                 for b, (r, t, lp) in enumerate(zip(reqs, toks, lps))]
 
-    def _draw(self, reqs: list[_Request], rows: list[int], logits: torch.Tensor, toks: list, lps: list) -> None:
+    def _draw(self, reqs: list[Sequence], rows: list[int], logits: torch.Tensor, toks: list, lps: list) -> None:
         """Sample rows (one transform: the same temperature, top-k, top-p) into toks / lps, each from its generator."""
         p = reqs[rows[0]].params
         logp = sampling_logprobs(logits[rows], p)
@@ -380,7 +424,7 @@ class Engine:
         for b, t, lp in zip(rows, got, logp[torch.arange(len(rows)), got].tolist()):
             toks[b], lps[b] = t, lp
 
-    def _emit(self, r: _Request, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
+    def _emit(self, r: Sequence, tok: int, lp: float, raw: torch.Tensor | None) -> StepEvent:
         """Append one token to r (and its raw top-n log-probs from raw (V,) when asked); finish r if done."""
         n = len(r.out)
         try:
@@ -399,17 +443,16 @@ class Engine:
             del r.out[n:], r.logprobs[n:]  # the token was never emitted
             return self._fail(r, e)
 
-    def _fail(self, r: _Request, e: Exception) -> StepEvent:
+    def _fail(self, r: Sequence, e: Exception) -> StepEvent:
         """Finish r alone with finish_reason "error" (isolate_errors): free its slot, say why in the event."""
-        if self.running.pop(r.id, None) is not None:
-            self._free(r)
+        self._free(r)
         del r.top[len(r.out):]
         why = f"{type(e).__name__}: {e}"
         done = Completion(r.id, r.prompt, r.out, r.logprobs, "error", r.top if r.params.logprobs else None,
-                          r.drafted, r.accepted)
+                          r.drafted, r.accepted, self._prompt_lp(r))
         return StepEvent(r.id, -1, float("nan"), done, None, why)
 
-    def _finish_if_done(self, r: _Request) -> Completion | None:
+    def _finish_if_done(self, r: Sequence) -> Completion | None:
         reason = None
         if r.out[-1] in r.params.stop_token_ids:
             reason = "stop"
@@ -420,10 +463,13 @@ class Engine:
             reason = "length"
         if reason is None:
             return None
-        del self.running[r.id]
         self._free(r)
         return Completion(r.id, r.prompt, r.out, r.logprobs, reason, r.top if r.params.logprobs else None,
-                          r.drafted, r.accepted)
+                          r.drafted, r.accepted, self._prompt_lp(r))
+
+    @staticmethod
+    def _prompt_lp(r: Sequence) -> list | None:
+        return None if r.params.prompt_logprobs is None else r.prompt_lp
 
     # -- convenience -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

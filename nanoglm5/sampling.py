@@ -23,6 +23,9 @@ class SamplingParams:
     stop: list[str] = ()  # stop strings (need the engine's tokenizer); the completing token is kept
     stop_token_ids: list[int] = ()  # e.g. tokenizer.stop_ids; the stop token is kept in token_ids
     logprobs: int = 0  # top-n raw-model log-probs to report per token
+    # top-n raw-model log-probs at every prompt token (and that token's own): what log-likelihood scoring reads
+    # (lm-evaluation-harness through echo); None = off. Such a prompt is computed whole (no prefix-cache hit)
+    prompt_logprobs: int | None = None
 
 
 def sampling_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -12,7 +12,8 @@ requests share the engine's running batch (continuous batching). Beyond max_batc
 requests wait in the engine's queue; beyond max_queue waiting ones the server answers 429 at once.
 A client that disconnects (mid-stream or while waiting) has its requests aborted, freeing their slots.
 
-Simplified: no auth, no presence/frequency penalties or logit_bias (accepted, ignored), no `echo`, no tools.
+Simplified: no auth, no presence/frequency penalties or logit_bias (accepted, ignored), no `echo` with streaming,
+no tools.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ class ServerLimits:
     max_seq_len: int
     default_max_tokens: int  # chat requests without max_tokens: min(this, what the context leaves)
     vocab_size: int
-    max_tokens_in_flight: int  # the engine admits no request with prompt + max_tokens above this
+    max_tokens_in_flight: int  # the engine's cache positions: it refuses a request with prompt + max_tokens above this
 
 
 def _load(source, device):
@@ -280,8 +281,9 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, name)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server; send echo: false", "echo", "unsupported_value")
+        if body.echo and body.stream:
+            raise APIError(400, "echo with stream: true is not supported by this server; send stream: false",
+                           "echo", "unsupported_value")
         p = body.prompt
         if isinstance(p, str):
             prompts = [tok.encode(p)]
@@ -293,9 +295,14 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
             raise APIError(400, "Invalid 'prompt': empty array. Expected at least one prompt.", "prompt", "empty_array")
         n_top = _range("logprobs", body.logprobs or 0, 0, MAX_TOP_LOGPROBS)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's legacy default
-        params = _params(body, prompts, max_tokens, limits, n_top, "prompt", [tok.eos_id])
+        # echo + logprobs: the prompt's own log-probs (log-likelihood scoring); max_tokens 0 scores without
+        # generating (the engine samples one token, which is dropped)
+        score = n_top if body.echo and body.logprobs is not None else None
+        params = _params(body, prompts, max(max_tokens, 1) if body.echo else max_tokens, limits, n_top, "prompt",
+                         [tok.eos_id], prompt_logprobs=score)
         return await _respond(request, worker, tok, body, prompts, params, name, chat=False,
-                              n_top=n_top if body.logprobs is not None else None)
+                              n_top=n_top if body.logprobs is not None else None, echo=body.echo,
+                              drop=body.echo and max_tokens == 0)
 
     return app
 
@@ -313,7 +320,7 @@ def _range(param, value, lo, hi):
 
 
 def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_param, stop_ids,
-            max_tokens_param: str = "max_tokens") -> list[SamplingParams]:
+            max_tokens_param: str = "max_tokens", prompt_logprobs: int | None = None) -> list[SamplingParams]:
     """Validate the sampling fields against the limits; one SamplingParams per (prompt, choice)."""
     _range("n", body.n, 1, MAX_N)
     top_p = 1.0 if body.top_p is None else body.top_p
@@ -358,7 +365,25 @@ def _params(body, prompts, max_tokens, limits: ServerLimits, logprobs, prompt_pa
             seed = None if body.seed is None else body.seed + i  # n choices from one seed must differ
             out.append(SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       seed=seed, stop=stop, stop_token_ids=stop_ids + list(body.stop_token_ids or []),
-                                      logprobs=logprobs))
+                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+    return out
+
+
+def _echo(tok, prompt: list[int], comp, choice: dict, n_top, drop: bool) -> dict:
+    """A completions choice with `echo`: the prompt's text before the completion's (none when max_tokens is 0),
+    and, with logprobs, the prompt tokens' entries (the first token's log-prob is null, as OpenAI's) before the
+    completion's."""
+    text = tok.decode(prompt)
+    out = {"text": text + ("" if drop else choice["text"]), "finish_reason": "length" if drop else
+           choice["finish_reason"]}
+    if n_top is not None:
+        lp = completion_logprobs(tok, list(zip(prompt, comp.prompt_logprobs)), n_top)
+        gen = choice["logprobs"] if not drop and choice["logprobs"] else None
+        if gen is not None:
+            for k in ("tokens", "token_logprobs", "top_logprobs"):
+                lp[k] += gen[k]
+            lp["text_offset"] += [o + len(text) for o in gen["text_offset"]]
+        out["logprobs"] = lp
     return out
 
 
@@ -372,7 +397,7 @@ async def _events(request: Request, q: asyncio.Queue):
                 raise ConnectionError("client disconnected") from None
 
 
-async def _respond(request, worker, tok, body, prompts, params, name, chat: bool, n_top):
+async def _respond(request, worker, tok, body, prompts, params, name, chat: bool, n_top, echo=False, drop=False):
     flat_prompts = [p for p in prompts for _ in range(body.n)]
     rids, q = worker.submit(flat_prompts, params)
     created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -399,8 +424,8 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
                     logs[idx].append((t, top))
                 states[idx].add(t, final=comp is not None)
                 if comp is not None:
-                    usage["completion_tokens"] += len(comp.token_ids)
-                    results[idx] = {"finish_reason": comp.finish_reason}
+                    usage["completion_tokens"] += 0 if drop else len(comp.token_ids)
+                    results[idx] = {"finish_reason": comp.finish_reason, "completion": comp}
                     if len(results) == len(params):
                         break
         except ConnectionError:  # nobody is listening any more: free the slots
@@ -420,6 +445,8 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
                 c["text"] = st.text
                 if want_logprobs:
                     c["logprobs"] = completion_logprobs(tok, logs[i], n_top)
+                if echo:
+                    c.update(_echo(tok, flat_prompts[i], results[i]["completion"], c, n_top, drop))
             choices.append(c)
         return {"id": rid, "object": obj, "created": created, "model": name, "choices": choices, "usage": finish_usage()}
 

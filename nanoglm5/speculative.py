@@ -15,8 +15,8 @@ which gives its own distribution p at each of those positions:
            request's SamplingParams transform (temperature, top-k, top-p), so every emitted token is distributed
            exactly as p, as without speculation, and the log-prob reported for it is log p.
 
-Caches: the main cache and the MTP layer's own cache (decode.KVCache) hold the same number of positions per slot.
-A verify step writes k+1 entries; only the last token and the accepted drafts are counted in `lengths`, which
+Caches: the main cache and the MTP layer's own cache (decode.PagedKVCache, the same block tables) hold the same positions.
+A verify step writes k+1 entries; only the last token and the accepted drafts are counted in `Sequence.computed`, which
 rolls the rejected ones back (entries past a row's length are never read before being overwritten). The MTP
 layer then catches up over the same positions with the main model's fresh hidden states (right-padded: rows of
 one batch accept different numbers of drafts) and drafts again; chained drafts (k > 1) feed the MTP layer its
@@ -79,16 +79,20 @@ class MTPSpeculator:
     def __init__(self, engine):
         self.e, self.k = engine, engine.num_draft
 
-    def prefill(self, reqs, hidden: torch.Tensor) -> None:
-        """The MTP layer over each prompt (positions 0..n-1 read h_i and x_{i+1}, the last one the token just
-        sampled), then the first drafts. hidden (B, T, H): the main prefill's, right-padded."""
+    def prefill(self, reqs, start: list[int], n: list[int], hidden: torch.Tensor) -> None:
+        """The MTP layer over the positions a (chunked) prefill just computed, start[b]..start[b]+n[b]-1: position i
+        reads h_i and x_{i+1} (at the prompt's last position, the token just sampled); then the first drafts of
+        the rows whose prompt is complete. hidden (B, T, H): the main prefill's, right-padded."""
         e, T = self.e, hidden.shape[1]
-        ids = torch.tensor([r.prompt[1:] + r.out[-1:] + [0] * (T - len(r.prompt)) for r in reqs], device=e.device)
-        last = [len(r.prompt) - 1 for r in reqs]
-        h, logits = e.run("mtp", ids, reqs, [0] * len(reqs), hidden, last, decode=False)
-        for r in reqs:
-            e.decoder.mtp_cache.lengths[r.slot] = len(r.prompt)
-        self._draft(reqs, logits, h[torch.arange(len(reqs), device=e.device), torch.tensor(last, device=e.device)])
+        fed = [r.tokens[c + 1:c + m + 1] for r, c, m in zip(reqs, start, n)]
+        ids = torch.tensor([f + [0] * (T - len(f)) for f in fed], device=e.device)
+        last = [m - 1 for m in n]
+        h, logits = e.run("mtp", ids, reqs, start, hidden, last, decode=False)
+        done = [b for b, r in enumerate(reqs) if r.prefilled]
+        if done:
+            rows = torch.tensor(done, device=e.device)
+            self._draft([reqs[b] for b in done], logits[rows],
+                        h[rows, torch.tensor([last[b] for b in done], device=e.device)])
 
     def _draft(self, reqs, logits: torch.Tensor, h_last: torch.Tensor) -> None:
         """Drafts from the MTP logits (B, V) at each row's last caught-up position; chained to k drafts."""
@@ -97,7 +101,7 @@ class MTPSpeculator:
             r.drafts, r.q = [], []
         for j in range(self.k):
             if j:  # chain: the MTP layer reads its own output and the previous draft, one position further
-                start = [e.cache.lengths[r.slot] + j - 1 for r in reqs]
+                start = [r.computed + j - 1 for r in reqs]
                 ids = torch.tensor([[r.drafts[-1]] for r in reqs], device=e.device)
                 h, logits = e.run("mtp", ids, reqs, start, h_last[:, None])
                 h_last, logits = h[:, 0], logits[:, 0]
@@ -113,7 +117,7 @@ class MTPSpeculator:
         """Verify every row's drafts in one (B, k+1) forward, emit 1..k+1 tokens each, catch the MTP layer up."""
         e, k = self.e, self.k
         ids = torch.tensor([[r.out[-1]] + r.drafts for r in reqs], device=e.device)
-        start = [e.cache.lengths[r.slot] for r in reqs]
+        start = [r.computed for r in reqs]
         hidden, logits = e.run("main", ids, reqs, start)
         logits = logits.float()
         raw = logits.log_softmax(-1) if any(r.params.logprobs for r in reqs) else None
@@ -123,7 +127,7 @@ class MTPSpeculator:
             toks, lps, a = accept(logits[b], r.drafts, r.q, r.params, r.gen, limit)
             r.drafted, r.accepted = r.drafted + limit, r.accepted + a
             e.drafted, e.accepted = e.drafted + limit, e.accepted + a
-            e.cache.lengths[r.slot] = start[b] + a + 1  # the last token and the accepted drafts: rejected rolled back
+            r.computed = start[b] + a + 1  # the last token and the accepted drafts: rejected rolled back
             for j, (t, lp) in enumerate(zip(toks, lps)):
                 ev = e._emit(r, t, lp, raw[b, j] if raw is not None else None)
                 events.append(ev)
@@ -137,7 +141,5 @@ class MTPSpeculator:
             rows = torch.tensor([b for b, _, _ in cont], device=e.device)
             last = [a for _, _, a in cont]
             h, logits = e.run("mtp", ids, rs, [start[b] for b, _, _ in cont], hidden[rows], last)
-            for r in rs:
-                e.decoder.mtp_cache.lengths[r.slot] = e.cache.lengths[r.slot]
             self._draft(rs, logits, h[torch.arange(len(rs), device=e.device), torch.tensor(last, device=e.device)])
         return events

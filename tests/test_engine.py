@@ -191,7 +191,7 @@ def test_admission_limits_and_errors(model):
     while eng.has_unfinished():
         eng.step()
         peak = max(peak, len(eng.running))
-        assert eng.tokens_in_flight <= 60
+        assert eng.tokens_in_flight <= eng.block_manager.num_blocks * eng.block_manager.block_size == 64
     assert peak == 2
 
 
@@ -260,7 +260,8 @@ def test_lean_forward_equals_model_forward(model):
     lens = [20, 13]
     ids = torch.randint(0, 256, (2, 20), generator=g)
     ids[1, 13:] = 0
-    hidden, logits = eng.decoder.run("main", ids, [0, 0], [2, 0])  # slots out of order: the gathered read
+    tables = [[5, 2], [0, 7]]  # blocks out of order: the read gathered through the block tables
+    hidden, logits = eng.decoder.run("main", ids, [0, 0], tables)
     cfg = model.config
     with torch.no_grad():
         for b, n in enumerate(lens):
@@ -269,7 +270,7 @@ def test_lean_forward_equals_model_forward(model):
             assert torch.allclose(hidden[b, :n], ref.hidden[0], rtol=1e-4, atol=1e-5)
         # the MTP layer at positions 0..n-2 reads h_i and x_{i+1} (model.MTPLayer, as in the MTP loss)
         nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
-        _, mtp_logits = eng.decoder.run("mtp", nxt, [0, 0], [2, 0], h_prev=hidden)
+        _, mtp_logits = eng.decoder.run("mtp", nxt, [0, 0], tables, h_prev=hidden)
         for b, n in enumerate(lens):
             pos = torch.arange(n - 1)[None]
             cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta)
@@ -279,8 +280,8 @@ def test_lean_forward_equals_model_forward(model):
 
 
 def test_graph_buckets_pad_and_match_eager(model):
-    """graphs="eager": the CUDA-graph path's padding to batch buckets (scratch slot, attention over the whole
-    capacity) run eagerly; same greedy tokens as unpadded decoding, with requests joining and leaving."""
+    """graphs="eager": the CUDA-graph path's padding to batch buckets (scratch block, attention over a length
+    bucket) run eagerly; same greedy tokens as unpadded decoding, with requests joining and leaving."""
     prompts = _prompts(6, seed=9)
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (6, 15, 3, 11, 8, 13)]
     plain = [c.token_ids for c in Engine(model, max_batch=8).generate(prompts, params)]
@@ -288,14 +289,13 @@ def test_graph_buckets_pad_and_match_eager(model):
     assert eng.graph_buckets == [1, 2, 4, 8]
     assert [c.token_ids for c in eng.generate(prompts, params)] == plain
     assert {k[2] for k in eng.decoder.graphs} >= {4, 8}  # 6 running → bucket 8, later fewer → 4, 2, 1
+    assert {k[3] for k in eng.decoder.graphs} >= {2, 4}  # attention over length buckets: 2 blocks, then 4
     assert [c.token_ids for c in Engine(model, max_batch=8, graphs="eager", graph_buckets=[4]).generate(
         prompts, params)] == plain  # 5+ running: beyond the largest bucket, eager
-    d, ids = eng.decoder, torch.tensor([[5], [7], [9]])
-    for slot, n in zip((0, 3, 5), (12, 20, 7)):
-        d.cache.lengths[slot] = n
+    d, ids, tables = eng.decoder, torch.tensor([[5], [7], [9]]), [[0], [3, 1], [2]]
     with torch.inference_mode():
-        h1, l1 = d.run("main", ids, [12, 20, 7], [0, 3, 5])
-        h2, l2 = d.run_static("main", ids, [12, 20, 7], [0, 3, 5], bucket=4)
+        h1, l1 = d.run("main", ids, [12, 20, 7], tables)
+        h2, l2 = d.run_static("main", ids, [12, 20, 7], tables, bucket=4)
     assert l2.shape == l1.shape and torch.allclose(l1, l2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, graphs="cuda")
@@ -308,10 +308,10 @@ def test_weights_refreshed_in_place(model):
     eng = Engine(m, max_batch=2, graphs="eager")
     prompt = _prompts(1, seed=10)[0]
     eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
-    wa = eng.decoder.weights.layers[0].attn.WA
+    wa = eng.decoder.weights.layers[0].attn.qkv_a
     m.load_state_dict(_model(seed=1).state_dict())
     got = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
-    assert eng.decoder.weights.layers[0].attn.WA is wa and eng.decoder.graphs
+    assert eng.decoder.weights.layers[0].attn.qkv_a is wa and eng.decoder.graphs
     assert got == Engine(m, max_batch=1).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     assert got == _recompute_greedy(m, prompt, 8)
 

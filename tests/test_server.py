@@ -176,7 +176,7 @@ def test_limits_are_400_with_the_limit_named(server):
     _post(server, "/v1/completions", {"prompt": [[1, 2], [3, -1]]}, param="prompt[1][1]", code="invalid_value")
     _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 0}, param="max_tokens",
           code="integer_below_min_value")
-    _post(server, "/v1/completions", {"prompt": "x", "echo": True}, param="echo", code="unsupported_value")
+    _post(server, "/v1/completions", {"prompt": "x", "echo": True, "stream": True}, param="echo", code="unsupported_value")
     _post(server, "/v1/completions", {"prompt": []}, param="prompt", code="empty_array")
     err = _post(server, chat, {"model": "gpt-4", "messages": MSG}, status=404, param="model", code="model_not_found")
     assert "gpt-4" in err["message"]
@@ -331,3 +331,24 @@ def test_int4_checkpoint_serves_and_decodes_like_its_full_forward(ckpt, tmp_path
         r = c.post("/v1/chat/completions", json={"model": "int4", "messages": MSG, "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_echo_logprobs_score_the_prompt(server, ckpt):
+    """lm-evaluation-harness's local-completions scoring call: token-id prompts, echo, logprobs 1, max_tokens 0.
+    The text is the prompt's, the first token's log-prob is null, every other one is the model's log_softmax at
+    the position before it; with max_tokens 1 the completion's token follows the prompt's entries."""
+    tok, model = Tokenizer.load(ckpt), load_hf(ckpt).eval()
+    ids = tok.encode("def f(xs): return len(xs)")
+    body = {"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    (c,) = r["choices"]
+    assert c["text"] == tok.decode(ids) and r["usage"]["completion_tokens"] == 0
+    lp = c["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), tie_break="stable").logits[0].float().log_softmax(-1)
+    for j in range(1, len(ids)):
+        assert lp["token_logprobs"][j] == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-3)
+    r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 1}, timeout=60).json()
+    (c,) = r["choices"]
+    assert len(c["logprobs"]["tokens"]) == len(ids) + 1 and c["text"].startswith(tok.decode(ids))

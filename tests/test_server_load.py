@@ -156,7 +156,7 @@ MALFORMED = [
     (CHAT, {**OK, "top_p": 0}, 400, "top_p"),
     (CHAT, {**OK, "seed": 2**70}, 400, "seed"),
     (COMPLETIONS, {"prompt": [10**6], "max_tokens": 2}, 400, "prompt[0]"),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 2, "echo": True}, 400, "echo"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2, "echo": True, "stream": True}, 400, "echo"),
     # wrong route or method
     ("/v1/chat/completion", OK, 404, None),
     ("GET " + CHAT, None, 405, None),

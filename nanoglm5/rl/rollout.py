@@ -24,6 +24,13 @@ without the conversation prefix (`Tokenizer.prefix_ids`, `[gMASK]<sop>`). A turn
 (`<|observation|>`, `<|user|>` or `<|endoftext|>`) was sampled, so it is trained (mask 1), as in SFT's
 render_chat.
 
+Prefill (issue 20 item 6): each turn's request is the whole conversation so far, but the engine's prefix cache
+(block_manager.py) holds the keys of every full block the previous turn computed, so a turn prefills only its
+new tokens (the observation, the generation prompt, and the tail of the last partial block); the G samples of
+a group share their prompt's blocks, so the prompt is prefilled once per group. `Rollout.engine.stats()` counts
+prefill tokens computed and the hit rate (bench/prefix.py measures them against `prefix_caching=False`). New
+weights drop the cache: a turn after a weight pickup reads no key the older policy wrote.
+
 Weight pickup: `partial_rollout=False` (slime, GLM's RL framework): the engine's weights change only when
 it is empty; a lease whose min_version is newer than the loaded weights waits until the running groups drain.
 `partial_rollout=True` (AReaL/Laminar): every `pull_every` decode steps the worker polls the relay and
@@ -110,12 +117,12 @@ class Rollout:
     env_latency_s (the worker loop also reads partial_rollout, pull_every, worker_threads, renew_every_s)."""
 
     def __init__(self, model, tokenizer, cfg: RLConfig, version: int = 0, envs: dict | None = None,
-                 greedy: bool = False):
+                 greedy: bool = False, prefix_caching: bool = True, block_size: int = 16):
         c = self.cfg = cfg
         self.tok, self.version, self.greedy = tokenizer, version, greedy
         max_batch = max(1, c.worker_groups) * c.group_size
         self.engine = Engine(model, max_batch=max_batch, max_tokens_in_flight=max_batch * c.max_len,
-                             max_seq_len=c.max_len)
+                             max_seq_len=c.max_len, prefix_caching=prefix_caching, block_size=block_size)
         self.envs = envs or make_envs(c)
         self.pool = ThreadPoolExecutor(max(1, c.env_threads), thread_name_prefix="env")
         self.groups: dict[int, _GroupRun] = {}
