@@ -194,9 +194,10 @@ def evaluate_all(a, b) -> dict:
     for m in ("sync", "async"):
         s = read_json(out / f"rl_{m}" / "summary.json").get("summary", {})
         sandboxed, unsandboxed = sandboxed + s.get("judged_sandboxed", 0), unsandboxed + s.get("judged_unsandboxed", 0)
-        res["rl"][m] = {k: s.get(k) for k in ("steps", "wall_s", "trained_tokens_per_s", "groups_per_s",
+        res["rl"][m] = {k: s.get(k) for k in ("steps", "wall_s", "samples_per_s", "trained_tokens_per_s", "groups_per_s",
                                               "trainer_idle_frac", "rollout_idle_frac", "staleness_hist",
-                                              "wasted_token_frac", "judged_sandboxed", "judged_unsandboxed")}
+                                              "wasted_token_frac", "wasted_tokens", "judged_sandboxed",
+                                              "judged_unsandboxed")}
     res["judged"] = {"sandboxed": sandboxed, "unsandboxed": unsandboxed, "line": judged_line(sandboxed, unsandboxed)}
     return res
 

@@ -41,9 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.buffer import Group, ReplayBuffer
 from nanoglm5.rl.evaluation import evaluate, judged_line, plot_reward_vs_time
-from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.learner import Learner, attach_advantages, load_policy, policy_config
 from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, WorkerFailed, WorkerStats
 from nanoglm5.rl.ray_transport import RayTransport
@@ -113,6 +113,8 @@ class Controller:
         self.tasks = TaskSource(cfg)
         self.buffer = ReplayBuffer(cfg.push_every * cfg.groups_per_step, cfg.max_staleness, cfg.lease_timeout_s,
                                    None if cfg.drop_tau < 0 else cfg.drop_tau, cfg.order)
+        # a run of max_steps trains max_steps / push_every batches: async admission must not run past them
+        self.buffer.max_groups = math.ceil(cfg.max_steps / cfg.push_every) * self.buffer.B
         self.learner = Learner(self.model, cfg)
         if resume:
             self._load(resume)
@@ -377,6 +379,7 @@ class Controller:
                "group_ids": [g.group_id for g in batch], "samples": len(trajs),
                "staleness": dict(sorted(stale.items())),
                "mean_len": sum(len(t.tokens) for t in trajs) / max(1, len(trajs)),
+               "mean_turns": sum(t.meta.get("turns", 1) for t in trajs) / max(1, len(trajs)),
                **{k: v for k, v in info.items()},
                **{k: stats.get(k, 0) for k in ("dropped_samples", "dropped_groups", "failed_groups", "expired",
                                                "requeued_dead", "late_discarded", "reissued", "buffered", "in_flight")}}
@@ -430,6 +433,7 @@ class Controller:
         hist = self.history[-len(self.trainer_busy):] if self.trainer_busy else []
         trained = sum(h.get("trained_tokens", 0) for h in hist)
         groups = sum(len(h["group_ids"]) for h in hist)
+        samples = sum(h["samples"] for h in hist)
         busy_w = sum(e - s for w in self.workers.values() for s, e in w.busy if e is not None)
         stale = Counter()
         for h in hist:
@@ -438,6 +442,7 @@ class Controller:
         st = self.buffer.stats()
         waste = self.wasted_tokens()
         return {"wall_s": wall, "trained_tokens_per_s": trained / wall, "groups_per_s": groups / wall,
+                "samples_per_s": samples / wall,  # trained samples (episodes) per second of the controller's wall
                 "trainer_idle_frac": 1 - sum(e - s for s, e in self.trainer_busy) / wall,
                 "rollout_idle_frac": max(0.0, 1 - busy_w / (wall * max(1, len(self.workers)))),
                 "staleness_hist": dict(sorted(stale.items())),
