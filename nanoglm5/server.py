@@ -47,8 +47,23 @@ from nanoglm5.api import (
 from nanoglm5.checkpoint import load_hf
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams, find_stop
+from nanoglm5.rl.envs import ENVS, make_env
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
+
+
+def task_kinds() -> list[dict]:
+    """The task kinds the model was trained on, for the chat page (GET /chat/tasks): each environment's system prompt,
+    the one its SFT demonstrations and RL prompts carry (nanoglm5/data/tasks.py), and one held-out prompt to try.
+    Without its system prompt the model answers a task as free text: it was never trained to answer one that way."""
+    kinds, seen = [], set()
+    for name in ENVS:
+        messages = make_env(name).make_tasks(1, 0, "eval")[0].messages
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        if system and system not in seen:  # code and code_mt share a prompt: offered once
+            seen.add(system)
+            kinds.append({"name": name, "system": system, "example": messages[-1]["content"]})
+    return kinds
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
@@ -248,6 +263,12 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page():
         return CHAT_PAGE.read_text(encoding="utf-8")
+
+    kinds = task_kinds()
+
+    @app.get("/chat/tasks", include_in_schema=False)
+    async def chat_tasks():  # the chat page's task menu: system prompts and examples of the trained task kinds
+        return {"tasks": kinds}
 
     @app.get("/health")
     async def health():
