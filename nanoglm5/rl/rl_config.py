@@ -64,7 +64,10 @@ class RLConfig:
     push_every: int = f(1, "K: optimizer steps per weight push (one rollout batch = K·B groups)")
     reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; on as GLM-5, not "
                                     "measured here against --no-reset-optimizer)")
-    partial_rollout: bool = f(False, "workers swap in newer weights mid-trajectory (per-segment versions)")
+    partial_rollout: bool = f(True, "workers swap in newer weights mid-trajectory (per-segment versions, GLM-5 §4.1's "
+                                    "w0…wk) instead of draining their decode batch at every push; a no-op in sync "
+                                    "mode (no newer weights while a batch decodes); --no-partial-rollout: slime's "
+                                    "between-groups pickup")
     pull_every: int = f(8, "decode steps between relay polls with --partial-rollout")
     repack: bool = f(False, "dynamic repackaging: long groups go to --long-workers dedicated workers")
     long_workers: int = f(1, "workers reserved for long groups with --repack")
