@@ -313,6 +313,19 @@ def by_turn_lines(out: Path) -> list[str]:
     return lines + [""]
 
 
+def episode_lines(out: Path) -> list[str]:
+    """One trained episode turn by turn (attempt, the judge's observation, revision), as the RL run kept it."""
+    for m in ("async", "sync"):
+        ep = read_json(out / f"rl_{m}" / "episode.json")
+        if ep:
+            text = ep["text"].replace("~~~", "~ ~ ~")  # (a fence inside would end the block)
+            return [f"One episode the {m} run trained (step {ep['step']}, {ep['turns']} attempt"
+                    f"{'s' * (ep['turns'] != 1)}, reward {ep['reward']:.2f}), token for token as the model saw it: "
+                    "its attempt, the judge's observation (loss mask 0), its revision:", "", "~~~text", text.strip(),
+                    "~~~", ""]
+    return []
+
+
 def why_async_lines(rl: dict) -> list[str]:
     """One sentence on why async wins here (or not), from the measured idle fractions and samples/s."""
     us, ua = (rl[m].get("utilization", {}) for m in ("sync", "async"))
@@ -419,7 +432,7 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
               f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but {CPU_LEAVES_OUT}; on a busy machine "
               "the wall time grows with the other load, the CPU time much less).", "",
               against_published(rj, published()), ""]
-    lines += by_turn_lines(out) + why_async_lines(rl) + reward_vs_heldout_lines(out, g)
+    lines += by_turn_lines(out) + episode_lines(out) + why_async_lines(rl) + reward_vs_heldout_lines(out, g)
     sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
     lines += [f"How sure: RL's gain is measured where SFT leaves room, the sampled pass@1 ({_fmt(p['sft']['sampled'])} "
               f"after SFT, against a greedy {_fmt(p['sft']['greedy'])}): sync {gl('rl_sync', 'sampled')} "

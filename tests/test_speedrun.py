@@ -30,7 +30,7 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
         assert (out / "report" / f"{png}.png").stat().st_size > 1000, png
     for png in ("val_loss", "ptq_vs_qat", "rl_reward", "rl_timeline"):  # each figure says what it computes
         assert f"*{png}.png*: " in report, png
-    assert "samples per second of sync" in report
+    assert "samples per second of sync" in report and "One episode the async run trained" in report
     res = json.loads((out / "report" / "results.json").read_text())
     assert all(res["rl"][m]["samples_per_s"] > 0 and "total" in res["rl"][m]["wasted_tokens"] for m in ("sync", "async"))
     stages = ["data", "pretrain", "sft_trunk", "sft", "sft_fp", "rl_sync", "rl_async", "int4", "eval"]

@@ -130,6 +130,7 @@ class Controller:
         # committed, untrained group → loss tokens it generated (wasted-token count; a resumed run's buffered groups too)
         self.group_tokens: dict[int, int] = {gid: generated_tokens(g.trajectories) for gid, g in self.buffer.done.items()}
         self.trainer_busy: list = []
+        self.example = None  # (rank, Trajectory): one trained episode for the report (_keep_example)
         self._error, self._stop = None, threading.Event()
 
     # ------------------------------------------------------------------------------------ setup
@@ -369,6 +370,7 @@ class Controller:
         t_end = time.time()
         self.trainer_busy.append([t_train - self.t0, t_end - self.t0])
         trajs = [t for g in batch for t in g.trajectories]
+        self._keep_example(trajs)
         stale = Counter()
         for t in trajs:
             for v, k in t.loss_tokens_by_version().items():
@@ -387,6 +389,22 @@ class Controller:
         if on_step:
             on_step(rec)
         return rec
+
+    def _keep_example(self, trajs) -> None:
+        """The latest trained episode that shows the most: a revision after feedback that passed, else any revision,
+        else any episode (the report prints it turn by turn: attempt, observation, revision)."""
+        rank = lambda t: (t.meta.get("turns", 1) > 1 and t.reward > 0, t.meta.get("turns", 1) > 1)  # noqa: E731
+        best = max(trajs, key=rank, default=None)
+        if best is not None and (self.example is None or rank(best) >= self.example[0]):
+            self.example = (rank(best), best)
+
+    def example_episode(self) -> dict | None:
+        """The kept episode as text (the chat template's turns, TITO ids decoded once for reading) with its reward."""
+        if self.example is None:
+            return None
+        t = self.example[1]
+        return {"text": self.tokenizer.decode(t.tokens), "turns": t.meta.get("turns", 1), "reward": t.reward,
+                "step": self.step}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -522,6 +540,8 @@ class Controller:
         out = {"summary": summary, "eval_before": before, "eval_after": after, "history": self.history}
         write_metrics(self.out_dir, self.history)
         (self.out_dir / "timeline.json").write_text(json.dumps(self.timeline()))
+        if self.example is not None:
+            (self.out_dir / "episode.json").write_text(json.dumps(self.example_episode(), indent=1))
         (self.out_dir / "summary.json").write_text(json.dumps({k: v for k, v in out.items() if k != "history"},
                                                               indent=2))
         if c.plot and self.history:
