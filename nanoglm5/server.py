@@ -45,9 +45,9 @@ from nanoglm5.api import (
     to_json,
 )
 from nanoglm5.checkpoint import load_hf
+from nanoglm5.data.tasks import agent_tasks, code_tasks, math_tasks
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams, find_stop
-from nanoglm5.rl.envs import ENVS, make_env
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
 
@@ -57,10 +57,10 @@ def task_kinds() -> list[dict]:
     the one its SFT demonstrations and RL prompts carry (nanoglm5/data/tasks.py), and one held-out prompt to try.
     Without its system prompt the model answers a task as free text: it was never trained to answer one that way."""
     kinds, seen = [], set()
-    for name in ENVS:
-        messages = make_env(name).make_tasks(1, 0, "eval")[0].messages
+    for name, make in (("code", code_tasks), ("math", math_tasks), ("agent", agent_tasks)):  # (the RL envs' tasks)
+        messages = make(1, 0, "eval")[0].messages
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        if system and system not in seen:  # code and code_mt share a prompt: offered once
+        if system and system not in seen:
             seen.add(system)
             kinds.append({"name": name, "system": system, "example": messages[-1]["content"]})
     return kinds
