@@ -249,6 +249,9 @@ def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = 
         ax.legend(fontsize=8)
     if evals:
         axes[0].set_title("◆ held-out sampled pass@1 (95% CI) before and after", fontsize=9)
+    curves = [[h["reward"] for h in hist] for hist in runs.values() if hist]
+    if len(curves) > 1 and all(c == curves[0] for c in curves):  # say so, or one run looks missing
+        axes[1].set_title(f"{' and '.join(runs)}: the same rewards, the curves lie on top of each other", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
