@@ -33,7 +33,8 @@ from nanoglm5.data.sft import build_conversations
 from nanoglm5.data.shards import load_tokens
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.progress import published
-from nanoglm5.rl.evaluation import evaluate, gain, judged_line, mean_ci, plot_reward_vs_time, plot_timeline
+from nanoglm5.report_figures import plots, read_json, read_jsonl
+from nanoglm5.rl.evaluation import evaluate, gain, judged_line, mean_ci
 from nanoglm5.rl.learner import load_policy
 from nanoglm5.rl.rl_config import RLConfig
 from nanoglm5.rl.task_source import TaskSource
@@ -56,16 +57,6 @@ def check_ckpt(path: Path, what: str, stage: str, out: Path) -> Path:
         raise SpeedrunError(f"{what} missing or broken ({e}). Delete {out / stage} and re-run "
                             f"`python -m nanoglm5.speedrun --out-dir {out}` to redo the {stage} stage") from None
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def host() -> dict:
@@ -194,103 +185,12 @@ def evaluate_all(a, b) -> dict:
     for m in ("sync", "async"):
         s = read_json(out / f"rl_{m}" / "summary.json").get("summary", {})
         sandboxed, unsandboxed = sandboxed + s.get("judged_sandboxed", 0), unsandboxed + s.get("judged_unsandboxed", 0)
-        res["rl"][m] = {k: s.get(k) for k in ("steps", "wall_s", "trained_tokens_per_s", "groups_per_s",
+        res["rl"][m] = {k: s.get(k) for k in ("steps", "wall_s", "samples_per_s", "trained_tokens_per_s", "groups_per_s",
                                               "trainer_idle_frac", "rollout_idle_frac", "staleness_hist",
-                                              "wasted_token_frac", "judged_sandboxed", "judged_unsandboxed")}
+                                              "wasted_token_frac", "wasted_tokens", "judged_sandboxed",
+                                              "judged_unsandboxed")}
     res["judged"] = {"sandboxed": sandboxed, "unsandboxed": unsandboxed, "line": judged_line(sandboxed, unsandboxed)}
     return res
-
-
-# ---------------------------------------------------------------------------------------------- figures
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
-def plots(out: Path, rep: Path, res: dict) -> dict:
-    """The report's figures; returns {name: path} and puts the RL utilization into res["rl"]."""
-    import matplotlib  # optional dependency: only the report's figures need it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = {}
-    pre = read_jsonl(out / "pretrain" / "metrics.jsonl")
-    sft, sft_fp = read_jsonl(out / "sft" / "metrics.jsonl"), read_jsonl(out / "sft_fp" / "metrics.jsonl")
-    n_pre = pre[-1]["step"] if pre else 0
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    pts = [(h["step"], h["val_loss"]) for h in pre if "val_loss" in h]
-    if pts:
-        ax.plot(*zip(*pts), marker="o", label="pretraining val loss (pretrain)")
-    for hist, label, ls in ((sft, "QAT branch", "-"), (sft_fp, "full-precision branch", "--")):
-        pts = [(n_pre + h["step"], h["pretrain_val_loss"]) for h in hist if "pretrain_val_loss" in h]
-        if pts:
-            ax.plot(*zip(*pts), marker="s", ls=ls, label=f"pretraining val loss during SFT ({label})")
-        pts = [(n_pre + h["step"], h["val_loss"]) for h in hist if "val_loss" in h]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", ls=ls, label=f"SFT chat val loss ({label})")
-    ax.axhline(res["val_loss"]["unigram"], ls=":", c="gray", label="unigram baseline")
-    ax.set(xlabel="step (pretraining, then SFT)", ylabel="loss (nats)", title="Validation losses")
-    ax.legend(fontsize=7)
-    made["val_loss"] = _save(fig, rep / "val_loss.png")
-
-    loads = [(h["step"], np.asarray(h["expert_load"])) for h in pre if "expert_load" in h]
-    if loads:
-        fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
-        steps = [s for s, _ in loads]
-        axs[0].plot(steps, [ld.max(-1).mean() / ld.mean(-1).mean() for _, ld in loads])
-        axs[0].set(xlabel="step", ylabel="max / mean expert load", title="MoE balance (bias rule at work)")
-        last = loads[-1][1]
-        im = axs[1].imshow(last, aspect="auto", cmap="viridis")
-        n_main = len(last) - 1 if len(last) > 1 else len(last)  # the MTP layer's MoE is the last row
-        axs[1].set_yticks(range(len(last)), [f"MoE {i}" for i in range(n_main)] + ["MTP"] * (len(last) - n_main))
-        axs[1].set_xticks(range(last.shape[1]))
-        axs[1].set(xlabel="expert", title=f"token share per expert at step {steps[-1]}")
-        fig.colorbar(im, ax=axs[1])
-        made["expert_load"] = _save(fig, rep / "expert_load.png")
-
-    kl = [(h["step"], h["indexer_kl"], h["stage"]) for h in pre if h.get("stage") in ("warmup", "sparse")]
-    if kl:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for stage in ("warmup", "sparse"):
-            pts = [(s, k) for s, k, st in kl if st == stage]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=f"{stage} ({'full' if stage == 'warmup' else 'selected set'})")
-        ax.set(xlabel="step", ylabel="KL(p ‖ softmax(I))", title="DSA indexer KL")
-        ax.legend()
-        made["indexer_kl"] = _save(fig, rep / "indexer_kl.png")
-
-    runs = {m: read_jsonl(out / f"rl_{m}" / "metrics.jsonl") for m in ("sync", "async")}
-    if any(runs.values()):
-        p = res["pass1"]
-        mark = lambda k, t, lab: (t, p[k]["sampled"], *p[k]["sampled_ci"], lab)  # noqa: E731
-        end = {m: (h[-1]["time"] if h else 0.0) for m, h in runs.items()}
-        evals = {"sync": [mark("sft", 0.0, "SFT"), mark("rl_sync", end["sync"], "after")],
-                 "async": [mark("rl_async", end["async"], "after")]}
-        plot_reward_vs_time(runs, rep / "rl_reward.png", evals=evals)
-        made["rl_reward"] = str(rep / "rl_reward.png")
-    tls = {m: read_json(out / f"rl_{m}" / "timeline.json") for m in ("sync", "async")}
-    if all(tls.values()):
-        walls = {m: res["rl"][m].get("wall_s") for m in tls}
-        util = plot_timeline(tls, rep / "rl_timeline.png", walls)
-        for m, u in util.items():
-            res["rl"][m]["utilization"] = u
-        made["rl_timeline"] = str(rep / "rl_timeline.png")
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["sft_fp", "sft_ptq", "sft_qat", "sft_qat_int4"]
-    labels = ["fp32 SFT", "PTQ int4\n(of fp32 SFT)", "QAT SFT\n(fake quant)", "QAT → int4"]
-    vals = [res["chat_loss"][n] for n in names]
-    ax.bar(labels, vals, color=["gray", "tab:red", "tab:blue", "tab:green"])
-    ax.set(ylabel="held-out chat loss (nats)", title="PTQ vs QAT (one SFT trunk, two branches)")
-    ax.set_ylim(min(vals) * 0.95, max(vals) * 1.03)
-    made["ptq_vs_qat"] = _save(fig, rep / "ptq_vs_qat.png")
-    return made
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -378,11 +278,101 @@ def against_published(rj: dict, pub: dict) -> str:
     return f"{met}; {tail}."
 
 
+def _eval_by_turn(out: Path) -> dict:
+    """{stage: by_turn} of each stage's held-out evaluation that has it ({"acc": [pass within 1 attempt, within 2,
+    ...], "sampled": [...]}: the multi-turn code environment's evaluation); {} when none does."""
+    sync = read_json(out / "rl_sync" / "summary.json")
+    evs = {"sft": sync.get("eval_before", {}), "rl_sync": sync.get("eval_after", {}),
+           "rl_async": read_json(out / "eval" / "rl_async.json")}
+    return {k: ev["by_turn"] for k, ev in evs.items() if ev.get("by_turn")}
+
+
+def by_turn_lines(out: Path) -> list[str]:
+    """Held-out pass@1 per turn before and after RL, and the share of episodes a failed first attempt recovers."""
+    bt = _eval_by_turn(out)
+    if not bt:
+        return []
+    n = max(len(v.get(k, [])) for v in bt.values() for k in ("acc", "sampled"))
+    head = [f"within {i + 1} attempt{'s' * (i > 0)}" for i in range(n)]
+    lines = ["Held-out pass@1 by turn (all tests pass within k attempts, the failing test fed back after each):", "",
+             "| model | " + " | ".join(f"greedy {h}" for h in head) + " | " + " | ".join(f"sampled {h}" for h in head)
+             + " |", "|---" * (1 + 2 * n) + "|"]
+    for stage, v in bt.items():
+        cells = [_fmt(x) for k in ("acc", "sampled") for x in (list(v.get(k, [])) + [math.nan] * n)[:n]]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+
+    def recovered(xs):  # of the episodes whose first attempt failed, the share that passed later
+        return (xs[-1] - xs[0]) / (1 - xs[0]) if len(xs) > 1 and xs[0] < 1 else math.nan
+
+    rec = {s: recovered(v.get("sampled", [])) for s, v in bt.items()}
+    if "sft" in rec and math.isfinite(rec["sft"]):
+        after = ", ".join(f"{s} {_fmt(r)}" for s, r in rec.items() if s != "sft")
+        lines += ["", f"Of the sampled episodes whose first attempt failed, the share that passed after feedback: SFT "
+                      f"{_fmt(rec['sft'])}, after RL {after} (revising after feedback is what SFT never showed; RL "
+                      "has to discover it)."]
+    return lines + [""]
+
+
+def episode_lines(out: Path) -> list[str]:
+    """One trained episode turn by turn (attempt, the judge's observation, revision), as the RL run kept it."""
+    for m in ("async", "sync"):
+        ep = read_json(out / f"rl_{m}" / "episode.json")
+        if ep:
+            text = ep["text"].replace("~~~", "~ ~ ~")  # (a fence inside would end the block)
+            return [f"One episode the {m} run trained (step {ep['step']}, {ep['turns']} attempt"
+                    f"{'s' * (ep['turns'] != 1)}, reward {ep['reward']:.2f}), token for token as the model saw it: "
+                    "its attempt, the judge's observation (loss mask 0), its revision:", "", "~~~text", text.strip(),
+                    "~~~", ""]
+    return []
+
+
+def why_async_lines(rl: dict) -> list[str]:
+    """One sentence on why async wins here (or not), from the measured idle fractions and samples/s."""
+    us, ua = (rl[m].get("utilization", {}) for m in ("sync", "async"))
+    if not (us and ua):
+        return []
+    sps = {m: rl[m].get("samples_per_s") or math.nan for m in ("sync", "async")}
+    ratio = sps["async"] / max(sps["sync"], 1e-9)
+    idle = {m: (1 - u["trainer_busy"], 1 - u["worker_busy"]) for m, u in (("sync", us), ("async", ua))}
+    measured = (f"sync's trainer waited {idle['sync'][0]:.0%} of its wall clock and its workers {idle['sync'][1]:.0%} "
+                f"(a judge call running {us['worker_judging']:.0%}); async's {idle['async'][0]:.0%} and "
+                f"{idle['async'][1]:.0%} ({ua['worker_judging']:.0%})")
+    if ratio > 1.05:
+        why = ("async trains while its workers generate and refills the decode batch with the next groups where sync "
+               "waits for its slowest episodes, so the idle time sync pays for becomes trained samples")
+    else:
+        why = ("async keeps the trainer busy, but the trainer, the workers and the judge's sandboxed programs share "
+               "the same cores: what the overlap gains, the rollouts lose to the competition for CPU")
+    waste = {m: rl[m].get("wasted_token_frac") for m in ("sync", "async")}
+    wasted = "; generated and never trained: " + ", ".join(f"{m} {w:.1%}" for m, w in waste.items() if w is not None)
+    return [f"Why async wins or not (rl_timeline.png): async trained {ratio:.2f}× the samples per second of sync "
+            f"({_fmt(sps['async'], 2)} vs {_fmt(sps['sync'], 2)}); {measured}: {why}{wasted}.", ""]
+
+
+def reward_vs_heldout_lines(out: Path, g: dict) -> list[str]:
+    """Where the training reward and the held-out pass@1 disagree, one sentence on why."""
+    out_lines = []
+    for m in ("sync", "async"):
+        r = [h["reward"] for h in read_jsonl(out / f"rl_{m}" / "metrics.jsonl")]
+        if len(r) < 6:
+            continue
+        rise, gs = float(np.mean(r[-3:]) - np.mean(r[:3])), g[f"rl_{m}"]["sampled"]
+        if rise > 0.05 and not gs["low"] > 0:
+            out_lines.append(f"{m}: the training reward rose {np.mean(r[:3]):.2f} → {np.mean(r[-3:]):.2f} while the "
+                             f"held-out sampled gain is {gs['mean']:+.3f} [{gs['low']:+.3f}, {gs['high']:+.3f}]")
+    if not out_lines:
+        return []
+    return ["Training reward and held-out pass@1 disagree (" + "; ".join(out_lines) + "): the training reward is "
+            "measured on the training tasks the policy is updated on, which recur, so it rises as RL fits them, "
+            "while held-out pass@1 is measured on tasks RL never trains on and moves only as far as what RL learned "
+            "transfers.", ""]
+
+
 def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
     out = a.out_dir
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    pngs = plots(out, rep, res)
+    pngs, captions = plots(out, rep, res)
     rj = results_json(a, b, secs, loads, res)
     (rep / "results.json").write_text(json.dumps(rj, indent=2))
     p, v, c, g, rl = res["pass1"], res["val_loss"], res["chat_loss"], res["rl_gain"], res["rl"]
@@ -394,7 +384,7 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
                  f"{c['sft_qat_int4'] - c['sft_fp']:+.4f} nats (one run; bench/int4.py gives their spread over seeds)")
     acc = lambda m: f"greedy {_ci(p[m], 'greedy')}, sampled {_ci(p[m], 'sampled')}"  # noqa: E731
     tps = lambda m: rl[m].get("trained_tokens_per_s") or math.nan  # noqa: E731
-    util = lambda m: rl[m].get("utilization", {})  # noqa: E731
+    sps = lambda m: rl[m].get("samples_per_s") or math.nan  # noqa: E731
     steps = lambda m: rl[m].get("steps")  # noqa: E731
     gl = lambda m, k: f"{g[m][k]['mean']:+.3f} [{g[m][k]['low']:+.3f}, {g[m][k]['high']:+.3f}]"  # noqa: E731
     rows = [  # (stage, what it achieved, the stages whose wall time it took)
@@ -410,11 +400,12 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
         ("PTQ vs QAT", f"the same {b.sft_branch} steps in full precision; int4 chat loss: PTQ {_fmt(c['sft_ptq'])}, QAT "
                        f"{_fmt(c['sft_qat_int4'])}, fp32 SFT {_fmt(c['sft_fp'])}: {recovered}", ["sft_fp"]),
         ("RL, sync", f"{steps('sync')} steps of the QAT model: code pass@1 {acc('rl_sync')}; gain over SFT "
-                     f"sampled {gl('rl_sync', 'sampled')}, greedy {gl('rl_sync', 'greedy')}; {tps('sync'):.1f} "
-                     "trained tokens/s", ["rl_sync"]),
+                     f"sampled {gl('rl_sync', 'sampled')}, greedy {gl('rl_sync', 'greedy')}; {sps('sync'):.2f} "
+                     f"trained samples/s ({tps('sync'):.1f} trained tokens/s)", ["rl_sync"]),
         ("RL, async", f"{steps('async')} steps: code pass@1 {acc('rl_async')}; gain sampled {gl('rl_async', 'sampled')}, "
-                      f"greedy {gl('rl_async', 'greedy')}; {tps('async'):.1f} trained tokens/s "
-                      f"({tps('async') / max(tps('sync'), 1e-9):.2f}× sync)", ["rl_async"]),
+                      f"greedy {gl('rl_async', 'greedy')}; {sps('async'):.2f} trained samples/s "
+                      f"(**{sps('async') / max(sps('sync'), 1e-9):.2f}× sync**; {tps('async'):.1f} trained tokens/s)",
+         ["rl_async"]),
         ("int4 conversion", f"logits {'bit-identical to' if res['int4']['bit_identical_logits'] else 'DIFFERENT from'} "
                             f"the async RL model's; code pass@1 greedy {_fmt(p['int4']['greedy'])} (re-measured), "
                             f"pretraining val loss {_fmt(v['after_rl_int4'])}; weights "
@@ -441,19 +432,7 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
               f"{sum(cpu.values()):.0f}s of CPU time (the stages' processes, but {CPU_LEAVES_OUT}; on a busy machine "
               "the wall time grows with the other load, the CPU time much less).", "",
               against_published(rj, published()), ""]
-    us, ua = util("sync"), util("async")
-    if us and ua:
-        ratio = tps("async") / max(tps("sync"), 1e-9)
-        why = ("async overlaps generation with training, so the trainer waits less for a batch" if ratio > 1.05 else
-               "async does keep the trainer busy, but the trainer and both workers are three processes on the same "
-               "cores: the training it overlaps competes with generation and with the judge's sandboxed programs "
-               "(CPU work too, not waiting) for the same CPU, so the rollouts slow down by about what the overlap "
-               "gains. Async pays off when the workers wait instead (a remote or slow judge, long-tailed lengths: "
-               "bench/rl_throughput.py)")
-        lines += [f"Why async wins or not (rl_timeline.png): async trained {ratio:.2f}× the tokens per second of sync. "
-                  f"Sync keeps the trainer busy {us['trainer_busy']:.0%} of its wall clock and the workers "
-                  f"{us['worker_busy']:.0%} (a judge call running {us['worker_judging']:.0%}); async "
-                  f"{ua['trainer_busy']:.0%} and {ua['worker_busy']:.0%} ({ua['worker_judging']:.0%}). Here {why}.", ""]
+    lines += by_turn_lines(out) + episode_lines(out) + why_async_lines(rl) + reward_vs_heldout_lines(out, g)
     sig = lambda m: _sign(g[m]["sampled"])  # noqa: E731
     lines += [f"How sure: RL's gain is measured where SFT leaves room, the sampled pass@1 ({_fmt(p['sft']['sampled'])} "
               f"after SFT, against a greedy {_fmt(p['sft']['greedy'])}): sync {gl('rl_sync', 'sampled')} "
@@ -464,7 +443,8 @@ def write_report(a, b, secs: dict, loads: dict, res: dict) -> Path:
               "seeds of shorter runs: within the 20-minute budget three seeds per mode would leave each run a third "
               "of its steps, and the evaluation (a few seconds per 1,000 judged programs with the judge memo) is the "
               "cheap part to make precise.", ""]
-    lines += [f"![{k}]({Path(pth).name})" for k, pth in pngs.items()]
+    for k, pth in pngs.items():
+        lines += [f"![{k}]({Path(pth).name})", "", f"*{k}.png*: {captions[k]}", ""]
     lines += ["", "Raw numbers: `results.json` beside this file."]
     path = rep / "report.md"
     path.write_text("\n".join(lines) + "\n")

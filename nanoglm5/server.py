@@ -46,10 +46,25 @@ from nanoglm5.api import (
     to_json,
 )
 from nanoglm5.checkpoint import load_hf
+from nanoglm5.data.tasks import agent_tasks, code_tasks, math_tasks
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams, find_stop
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
+
+
+def task_kinds() -> list[dict]:
+    """The task kinds the model was trained on, for the chat page (GET /chat/tasks): each environment's system prompt,
+    the one its SFT demonstrations and RL prompts carry (nanoglm5/data/tasks.py), and one held-out prompt to try.
+    Without its system prompt the model answers a task as free text: it was never trained to answer one that way."""
+    kinds, seen = [], set()
+    for name, make in (("code", code_tasks), ("math", math_tasks), ("agent", agent_tasks)):  # (the RL envs' tasks)
+        messages = make(1, 0, "eval")[0].messages
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        if system and system not in seen:
+            seen.add(system)
+            kinds.append({"name": name, "system": system, "example": messages[-1]["content"]})
+    return kinds
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
@@ -249,6 +264,12 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page():
         return CHAT_PAGE.read_text(encoding="utf-8")
+
+    kinds = task_kinds()
+
+    @app.get("/chat/tasks", include_in_schema=False)
+    async def chat_tasks():  # the chat page's task menu: system prompts and examples of the trained task kinds
+        return {"tasks": kinds}
 
     @app.get("/health")
     async def health():

@@ -23,7 +23,7 @@ try:  # optional: only this test needs a browser
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:
     webdriver = None
 
@@ -117,6 +117,59 @@ def _wait_for_reply(driver, n_assistant: int) -> str:
         raise AssertionError(f"no finished reply within {WAIT_S}s; status: {status!r}") from None
 
 
+def _open(d, server):
+    """Load the page, wait until it is ready and its task menu is filled, and record every request body it sends."""
+    d.get(server.url + "/")
+    WebDriverWait(d, WAIT_S).until(lambda d: _text(d.find_element(By.ID, "status")) == "ready"
+                                   and len(Select(d.find_element(By.ID, "task")).options) > 1)
+    d.execute_script("""window.sentBodies = []; const f = window.fetch;
+        window.fetch = (url, opts) => { if (opts && opts.body) window.sentBodies.push(JSON.parse(opts.body));
+                                        return f(url, opts); };""")
+
+
+def _wait_sent(d, n: int) -> None:
+    """Until the page has sent n chat requests and the last one is answered (a reply or an error)."""
+    WebDriverWait(d, WAIT_S).until(lambda d: len(d.execute_script("return window.sentBodies")) == n
+                                   and not _text(d.find_element(By.ID, "status")).startswith("generating"))
+
+
+def test_chat_page_offers_trained_task_kinds_with_their_system_prompt(browser, server):
+    """The page offers the task kinds the model was trained on (#20 item 7): a trained kind is selected by default,
+    clicking its example fills the message box, and the request carries the kind's system prompt first, so the
+    model sees the prompt it was trained with."""
+    kinds = httpx.get(server.url + "/chat/tasks", timeout=30).json()["tasks"]
+    assert {"code", "math", "agent"} <= {k["name"] for k in kinds} and all(k["system"] and k["example"] for k in kinds)
+    d = browser
+    _open(d, server)
+    code = next(k for k in kinds if k["name"] == "code")
+    assert Select(d.find_element(By.ID, "task")).first_selected_option.get_property("value") == kinds[0]["name"]
+    Select(d.find_element(By.ID, "task")).select_by_value("code")
+    assert code["system"] in _text(d.find_element(By.ID, "system"))
+    temperature = d.find_element(By.ID, "temperature")
+    temperature.send_keys(Keys.HOME)  # greedy
+    max_tokens = d.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys(str(MAX_TOKENS))
+    d.find_element(By.ID, "example").click()
+    assert d.find_element(By.ID, "input").get_property("value") == code["example"]
+    d.find_element(By.ID, "send").click()  # (the tiny test model's 96-token context may not hold it: the request
+    _wait_sent(d, 1)                       # is what this test checks, the answer is the API's)
+    sent = d.execute_script("return window.sentBodies")[-1]["messages"]
+    assert sent == [{"role": "system", "content": code["system"]}, {"role": "user", "content": code["example"]}]
+    # another kind: its own system prompt, a new conversation
+    Select(d.find_element(By.ID, "task")).select_by_value("math")
+    assert d.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+    d.find_element(By.ID, "example").click()
+    d.find_element(By.ID, "send").click()
+    _wait_sent(d, 2)
+    sent = d.execute_script("return window.sentBodies")[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": next(k["system"] for k in kinds if k["name"] == "math")}
+    assert len(sent) == 2
+    # the only browser errors: the server's 400s for prompts longer than the tiny model's context (drained here)
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("status of 400" in e["message"] for e in errors), errors
+
+
 def test_chat_page_streams_a_conversation(browser, server):
     page = httpx.get(server.url + "/", timeout=30)
     if page.status_code == 404:
@@ -128,9 +181,9 @@ def test_chat_page_streams_a_conversation(browser, server):
     assert page.text == PAGE.read_text(encoding="utf-8")
 
     d = browser
-    d.get(server.url + "/")
-    WebDriverWait(d, WAIT_S).until(lambda d: _text(d.find_element(By.ID, "status")) == "ready")
+    _open(d, server)
     assert _text(d.find_element(By.ID, "model")) == "tiny-chat"
+    Select(d.find_element(By.ID, "task")).select_by_value("")  # free chat: no system prompt
     temperature = d.find_element(By.ID, "temperature")
     assert temperature.get_property("value") == "0.7"  # the default
     temperature.send_keys(Keys.HOME)  # the slider's minimum: greedy, so the reply is checkable

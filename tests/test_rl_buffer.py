@@ -201,3 +201,15 @@ def test_ready_order_needs_tau_for_the_bound():
     """The property test has teeth: "ready" order lets stragglers exceed η; the τ-drop bounds them."""
     assert max(_simulate(s, 1, 2, order="ready")[2] for s in range(8)) > 1
     assert max(_simulate(s, 1, 2, order="ready", tau=1)[2] for s in range(8)) <= 1
+
+
+def test_admission_stops_at_the_groups_the_run_trains():
+    """max_groups: async admission running η versions ahead admits nothing the run will not train (the waste at
+    the end of a run), while a re-queued group (its worker died) still goes out again."""
+    buf = ReplayBuffer(groups_per_step=2, max_staleness=3)
+    buf.max_groups = 4
+    leases = [buf.admit(0) for _ in range(10)]
+    assert [lz.group_id for lz in leases if lz is not None] == [0, 1, 2, 3]
+    assert not buf.can_admit(5)
+    assert buf.fail(leases[1].group_id, leases[1].attempt) == "requeued"
+    assert buf.can_admit(5) and buf.admit(5).group_id == 1 and buf.admit(5) is None

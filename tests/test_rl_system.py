@@ -362,8 +362,16 @@ def test_resume_restores_model_and_optimizer_exactly(coin, tmp_path):
 @pytest.mark.slow
 def test_resume_async_reissues_buffered_groups_and_leases(ckpt, tmp_path):
     out = tmp_path / "c"
-    first = Controller(_cfg(ckpt, out, mode="async", max_staleness=3, max_steps=2, worker_groups=2), quiet=True)
-    first.run()
+    # stopped after 2 of 5 steps (as a killed run is), so the workers have run ahead: a run that reaches its
+    # max_steps admits no group beyond them (ReplayBuffer.max_groups) and leaves nothing to resume
+    first = Controller(_cfg(ckpt, out, mode="async", max_staleness=3, max_steps=5, worker_groups=2), quiet=True)
+    first.start()
+    try:
+        while first.step < 2:
+            assert first.train_one(deadline=time.time() + 120) is not None, "stalled"
+        first.save()
+    finally:
+        first.stop()
     rl = load_trainer_state(out / "ckpt")["rl_state"]["buffer"]
     pending = len(rl["done"]) + len(rl["requeue"])
     assert pending > 0, "the async checkpoint should hold buffered groups or in-flight leases"

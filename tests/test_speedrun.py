@@ -28,7 +28,11 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
         assert f"| {stage} |" in report
     for png in ("val_loss", "expert_load", "indexer_kl", "rl_reward", "rl_timeline", "ptq_vs_qat"):
         assert (out / "report" / f"{png}.png").stat().st_size > 1000, png
+    for png in ("val_loss", "ptq_vs_qat", "rl_reward", "rl_timeline"):  # each figure says what it computes
+        assert f"*{png}.png*: " in report, png
+    assert "samples per second of sync" in report and "One episode the async run trained" in report
     res = json.loads((out / "report" / "results.json").read_text())
+    assert all(res["rl"][m]["samples_per_s"] > 0 and "total" in res["rl"][m]["wasted_tokens"] for m in ("sync", "async"))
     stages = ["data", "pretrain", "sft_trunk", "sft", "sft_fp", "rl_sync", "rl_async", "int4", "eval"]
     assert list(res["stages"]) == stages and res["total_seconds"] == pytest.approx(sum(res["stages"].values()), abs=1)
     for model in ("sft", "rl_sync", "rl_async", "int4"):
@@ -121,3 +125,21 @@ def test_stage_commands_pass_the_device_to_rl(tmp_path, device, expect):
     cmds = {name: argv for name, argv, _ in stage_commands(a, BUDGETS["quick"])}
     for name in ("pretrain", "rl_sync", "rl_async"):
         assert cmds[name][cmds[name].index("--device") + 1] == (device if name == "pretrain" else expect)
+
+
+def test_report_shows_pass1_by_turn_when_the_evaluation_has_it(tmp_path):
+    """report.by_turn_lines: a table of pass@1 within k attempts per model and the share a failed first attempt
+    recovers, read from each stage's evaluation; nothing when no evaluation has per-turn figures."""
+    from nanoglm5.report import by_turn_lines
+
+    assert by_turn_lines(tmp_path) == []
+    (tmp_path / "rl_sync").mkdir()
+    (tmp_path / "eval").mkdir()
+    before, after = {"acc": [0.5, 0.6, 0.7], "sampled": [0.4, 0.5, 0.55]}, {"acc": [0.6, 0.8, 0.9], "sampled": [0.5, 0.7, 0.8]}
+    (tmp_path / "rl_sync" / "summary.json").write_text(json.dumps({"eval_before": {"by_turn": before},
+                                                                   "eval_after": {"by_turn": after}}))
+    (tmp_path / "eval" / "rl_async.json").write_text(json.dumps({"acc": 0.6}))  # no per-turn figures: row left out
+    text = "\n".join(by_turn_lines(tmp_path))
+    assert "| sft | 0.500 | 0.600 | 0.700 | 0.400 | 0.500 | 0.550 |" in text and "| rl_sync |" in text
+    assert "rl_async" not in text.split("share that passed")[0]
+    assert "SFT 0.250, after RL rl_sync 0.600" in text  # (0.55 − 0.4) / 0.6 and (0.8 − 0.5) / 0.5

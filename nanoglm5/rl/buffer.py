@@ -157,6 +157,7 @@ class ReplayBuffer:
         self.B, self.eta, self.lease_timeout_s = groups_per_step, max_staleness, lease_timeout_s
         self.drop_tau, self.order, self.clock = drop_tau, order, clock
         self.submitted = 0  # distinct group ids ever admitted (ids 0..submitted-1)
+        self.max_groups: int | None = None  # the run trains no more than this many groups: admit none beyond
         self.leases: dict[int, Lease] = {}  # in flight, by group_id
         self.requeue: list[int] = []  # expired, waiting to be re-issued (sorted)
         self.attempts: dict[int, int] = {}  # last attempt issued per untrained group
@@ -170,7 +171,11 @@ class ReplayBuffer:
     # ---- admission and leases ----------------------------------------------------------------
 
     def can_admit(self, trainer_version: int) -> bool:
-        """Is there work to hand out: a re-queued group, or room under (η + v + 1)·B?"""
+        """Is there work to hand out: a re-queued group, or room under (η + v + 1)·B (and under max_groups: a group
+        the run will never train is pure waste, which async admission running η versions ahead would otherwise
+        generate at the end of every run)?"""
+        if self.max_groups is not None and self.submitted >= self.max_groups:
+            return bool(self.requeue)
         return bool(self.requeue) or self.submitted + 1 <= (self.eta + trainer_version + 1) * self.B
 
     def admit(self, trainer_version: int) -> Lease | None:

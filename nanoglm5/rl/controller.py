@@ -41,9 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoglm5.data.tokenizer import Tokenizer
+from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.buffer import Group, ReplayBuffer
 from nanoglm5.rl.evaluation import evaluate, judged_line, plot_reward_vs_time
-from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, wasted_tokens
 from nanoglm5.rl.learner import Learner, attach_advantages, load_policy, policy_config
 from nanoglm5.rl.messages import Assign, GroupDone, Heartbeat, Hello, WorkerFailed, WorkerStats
 from nanoglm5.rl.ray_transport import RayTransport
@@ -113,6 +113,8 @@ class Controller:
         self.tasks = TaskSource(cfg)
         self.buffer = ReplayBuffer(cfg.push_every * cfg.groups_per_step, cfg.max_staleness, cfg.lease_timeout_s,
                                    None if cfg.drop_tau < 0 else cfg.drop_tau, cfg.order)
+        # a run of max_steps trains max_steps / push_every batches: async admission must not run past them
+        self.buffer.max_groups = math.ceil(cfg.max_steps / cfg.push_every) * self.buffer.B
         self.learner = Learner(self.model, cfg)
         if resume:
             self._load(resume)
@@ -128,6 +130,7 @@ class Controller:
         # committed, untrained group → loss tokens it generated (wasted-token count; a resumed run's buffered groups too)
         self.group_tokens: dict[int, int] = {gid: generated_tokens(g.trajectories) for gid, g in self.buffer.done.items()}
         self.trainer_busy: list = []
+        self.example = None  # (rank, Trajectory): one trained episode for the report (_keep_example)
         self._error, self._stop = None, threading.Event()
 
     # ------------------------------------------------------------------------------------ setup
@@ -367,6 +370,7 @@ class Controller:
         t_end = time.time()
         self.trainer_busy.append([t_train - self.t0, t_end - self.t0])
         trajs = [t for g in batch for t in g.trajectories]
+        self._keep_example(trajs)
         stale = Counter()
         for t in trajs:
             for v, k in t.loss_tokens_by_version().items():
@@ -377,6 +381,7 @@ class Controller:
                "group_ids": [g.group_id for g in batch], "samples": len(trajs),
                "staleness": dict(sorted(stale.items())),
                "mean_len": sum(len(t.tokens) for t in trajs) / max(1, len(trajs)),
+               "mean_turns": sum(t.meta.get("turns", 1) for t in trajs) / max(1, len(trajs)),
                **{k: v for k, v in info.items()},
                **{k: stats.get(k, 0) for k in ("dropped_samples", "dropped_groups", "failed_groups", "expired",
                                                "requeued_dead", "late_discarded", "reissued", "buffered", "in_flight")}}
@@ -384,6 +389,22 @@ class Controller:
         if on_step:
             on_step(rec)
         return rec
+
+    def _keep_example(self, trajs) -> None:
+        """The latest trained episode that shows the most: a revision after feedback that passed, else any revision,
+        else any episode (the report prints it turn by turn: attempt, observation, revision)."""
+        rank = lambda t: (t.meta.get("turns", 1) > 1 and t.reward > 0, t.meta.get("turns", 1) > 1)  # noqa: E731
+        best = max(trajs, key=rank, default=None)
+        if best is not None and (self.example is None or rank(best) >= self.example[0]):
+            self.example = (rank(best), best)
+
+    def example_episode(self) -> dict | None:
+        """The kept episode as text (the chat template's turns, TITO ids decoded once for reading) with its reward."""
+        if self.example is None:
+            return None
+        t = self.example[1]
+        return {"text": self.tokenizer.decode(t.tokens), "turns": t.meta.get("turns", 1), "reward": t.reward,
+                "step": self.step}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -430,6 +451,7 @@ class Controller:
         hist = self.history[-len(self.trainer_busy):] if self.trainer_busy else []
         trained = sum(h.get("trained_tokens", 0) for h in hist)
         groups = sum(len(h["group_ids"]) for h in hist)
+        samples = sum(h["samples"] for h in hist)
         busy_w = sum(e - s for w in self.workers.values() for s, e in w.busy if e is not None)
         stale = Counter()
         for h in hist:
@@ -438,6 +460,7 @@ class Controller:
         st = self.buffer.stats()
         waste = self.wasted_tokens()
         return {"wall_s": wall, "trained_tokens_per_s": trained / wall, "groups_per_s": groups / wall,
+                "samples_per_s": samples / wall,  # trained samples (episodes) per second of the controller's wall
                 "trainer_idle_frac": 1 - sum(e - s for s, e in self.trainer_busy) / wall,
                 "rollout_idle_frac": max(0.0, 1 - busy_w / (wall * max(1, len(self.workers)))),
                 "staleness_hist": dict(sorted(stale.items())),
@@ -517,6 +540,8 @@ class Controller:
         out = {"summary": summary, "eval_before": before, "eval_after": after, "history": self.history}
         write_metrics(self.out_dir, self.history)
         (self.out_dir / "timeline.json").write_text(json.dumps(self.timeline()))
+        if self.example is not None:
+            (self.out_dir / "episode.json").write_text(json.dumps(self.example_episode(), indent=1))
         (self.out_dir / "summary.json").write_text(json.dumps({k: v for k, v in out.items() if k != "history"},
                                                               indent=2))
         if c.plot and self.history:

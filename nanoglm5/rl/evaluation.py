@@ -237,7 +237,10 @@ def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = 
         for t, v, lo, hi, label in (evals or {}).get(name, []):
             yerr = [[v - lo], [hi - v]] if np.isfinite(lo) else None
             axes[0].errorbar([t], [v], yerr=yerr, fmt="D", color=color, ms=6, capsize=3, mec="black")
-            axes[0].annotate(label, (t, v), textcoords="offset points", xytext=(4, 6), fontsize=7, color=color)
+            # runs ending together at the same value would write their labels on top of each other ("afterafter"):
+            # each run's labels sit at their own height
+            axes[0].annotate(label, (t, v), textcoords="offset points", xytext=(-8, 8 - 14 * i), fontsize=7, color=color,
+                             ha="right")
     axes[0].set_xlabel("wall clock (s)")
     axes[1].set_xlabel("optimizer step")
     for ax in axes:
@@ -246,6 +249,9 @@ def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = 
         ax.legend(fontsize=8)
     if evals:
         axes[0].set_title("◆ held-out sampled pass@1 (95% CI) before and after", fontsize=9)
+    curves = [[h["reward"] for h in hist] for hist in runs.values() if hist]
+    if len(curves) > 1 and all(c == curves[0] for c in curves):  # say so, or one run looks missing
+        axes[1].set_title(f"{' and '.join(runs)}: the same rewards, the curves lie on top of each other", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -140,6 +140,10 @@ class Learner:
     def _step(self, trajs) -> dict:
         c, model = self.cfg, self.model
         model.train()
+        # micro-batches of similar lengths: each is padded to its longest sequence, and multi-turn episodes range
+        # from one short attempt to several with observations between them, so group order would pad most
+        # micro-batches to the longest episode; the step's loss and gradient are sums over micro-batches either way
+        trajs = sorted(trajs, key=lambda t: len(t.tokens))
         ids, lp_mu, mask = pad_trajectories(trajs)
         adv = torch.tensor([t.advantage for t in trajs])
         lp_mu, mask = lp_mu[:, 1:], mask[:, 1:]  # align with the predictions of tokens 1..T-1

@@ -24,6 +24,13 @@ RESUME_NEUTRAL = {"max_steps", "time_budget_s", "resume", "init_from", "out_dir"
 
 @dataclass
 class RLConfig:
+    """Every RL setting, defaults as the main job runs them. GLM-5's async rules (arXiv 2602.15763 §4.1) are on:
+    τ-drop by the oldest segment (τ = η), env-crash samples removed, partial rollout (segments w0…wk), and the
+    optimizer reset after each push. The reset was measured against none (docs/LOG.md, 2026-12-07): the main
+    job's RL stage setting, code_mt, sync, seed 1337, 10 steps from a 200-step SFT checkpoint: batch reward
+    after step 1, reset minus none, +0.002 ± 0.004 per step; held-out sampled pass@1 after, +0.008 [−0.014,
+    +0.030] (64 tasks × 4 draws, paired): no difference within noise, so GLM-5's choice is kept."""
+
     init_from: str = f("", "the SFT checkpoint to start from (out/sft/ckpt); holds tokenizer.json")
     resume: str = f("", "continue a run: 'auto' (= out_dir/ckpt) or a checkpoint path")
     out_dir: str = f("out/rl", "run directory: ckpt/, metrics.jsonl, reward_vs_time.png")
@@ -62,9 +69,12 @@ class RLConfig:
                           "it, so there it drops nothing); -1 = off")
     order: str = f("fifo", "batch order: fifo (group_id order, staleness ≤ η) or ready (no head-of-line wait)")
     push_every: int = f(1, "K: optimizer steps per weight push (one rollout batch = K·B groups)")
-    reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; on as GLM-5, not "
-                                    "measured here against --no-reset-optimizer)")
-    partial_rollout: bool = f(False, "workers swap in newer weights mid-trajectory (per-segment versions)")
+    reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; measured against "
+                                    "--no-reset-optimizer: no difference within noise, kept as GLM-5: docs/LOG.md)")
+    partial_rollout: bool = f(True, "workers swap in newer weights mid-trajectory (per-segment versions, GLM-5 §4.1's "
+                                    "w0…wk) instead of draining their decode batch at every push; a no-op in sync "
+                                    "mode (no newer weights while a batch decodes); --no-partial-rollout: slime's "
+                                    "between-groups pickup")
     pull_every: int = f(8, "decode steps between relay polls with --partial-rollout")
     repack: bool = f(False, "dynamic repackaging: long groups go to --long-workers dedicated workers")
     long_workers: int = f(1, "workers reserved for long groups with --repack")

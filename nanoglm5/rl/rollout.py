@@ -145,6 +145,14 @@ class Rollout:
         the engine starts the next group meanwhile, instead of idling for the judge."""
         return sum(not all(s.reward is not None or s.judging for s in g.samples) for g in self.groups.values())
 
+    def has_room(self) -> bool:
+        """Room in the decode batch (worker_groups·G sequences) for one more group, counted in sequences: a group
+        whose episodes mostly ended (passed at the first attempt) leaves their slots to the next group instead of
+        holding them until its last revision ends (continuous batching across groups). A sequence between turns
+        (its observation being computed) keeps its slot. With worker_groups = 1 this is `not decoding()`."""
+        live = sum(s.reward is None and not s.judging for g in self.groups.values() for s in g.samples)
+        return live + self.cfg.group_size <= max(1, self.cfg.worker_groups) * self.cfg.group_size
+
     def held(self) -> list[tuple[int, int]]:
         return [(g.lease.group_id, g.lease.attempt) for g in self.groups.values()]
 
@@ -413,7 +421,7 @@ def _worker_loop(wid, cfg: RLConfig, model_config, tokenizer_file, relay, lease_
                 pull()
                 steps_since_poll = 0
         # start queued leases while there is room and our weights are fresh enough for them
-        while queued and ro.decoding() < max(1, cfg.worker_groups):
+        while queued and ro.has_room():
             lease, task = queued[0]
             if ro.version < lease.min_version:
                 if ro.decoding() and not cfg.partial_rollout:
