@@ -342,6 +342,10 @@ class Engine:
         """Compute n tokens of each sequence from its `computed` on; those whose prompt is then complete sample."""
         reqs, T = [r for r, _ in group], max(n for _, n in group)
         start = [r.computed for r in reqs]
+        if len(group) > 1 and max(start) + T > self.decoder.capacity:
+            # rows are padded to the longest chunk: a short chunk near the end of its window would run past the
+            # positions the cache and RoPE tables hold, so such a batch is computed row by row
+            return [e for item in group for e in self._prefill([item])]
         fed = [r.tokens[c:c + n] for (r, n), c in zip(group, start)]
         ids = torch.tensor([f + [0] * (T - len(f)) for f in fed], device=self.device)
         last = [n - 1 for _, n in group]

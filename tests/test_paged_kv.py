@@ -176,3 +176,17 @@ def test_prompt_logprobs_equal_the_models_and_survive_chunking(model):
         assert set(top) <= set(lp[j]) and len(lp[j]) <= 4
     with pytest.raises(ValueError, match="prompt_logprobs"):
         eng.add_request(prompt, SamplingParams(prompt_logprobs=-1))
+
+
+def test_batched_prefill_near_the_end_of_the_window_stays_inside_it(model):
+    """A cached conversation whose new chunk is short and ends near max_seq_len, prefilled in one step beside a
+    fresh 40-token prompt: padded to the longer chunk, the short row's positions would run past the cache and
+    RoPE tables (an IndexError in an RL run). The engine computes such a batch row by row; tokens equal a miss."""
+    hit, miss = Engine(model, max_batch=2, max_seq_len=128), Engine(model, max_batch=2, max_seq_len=128,
+                                                                     prefix_caching=False)
+    turn1 = _ids(100, 6)
+    hit.generate([turn1], _greedy(4))
+    turn2, fresh = turn1 + _ids(14, 7), _ids(40, 8)  # 96 cached positions + a 18-token chunk, beside 40 new
+    assert 96 + 40 > hit.decoder.capacity
+    want = [c.token_ids for c in miss.generate([turn2, fresh], _greedy(8))]
+    assert [c.token_ids for c in hit.generate([turn2, fresh], _greedy(8))] == want
