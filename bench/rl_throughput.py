@@ -42,7 +42,7 @@ from nanoglm5.rl.rl_config import RLConfig
 
 def config(mode: str, backend: str, seed: int, ckpt: str, out: Path, a) -> RLConfig:
     extra = dict(max_staleness=a.max_staleness, partial_rollout=a.partial_rollout) if mode == "async" else {}
-    return RLConfig(init_from=ckpt, out_dir=str(out / f"{backend}_{mode}_seed{seed}"), mode=mode, backend=backend,
+    return RLConfig(checkpoint=ckpt, out_dir=str(out / f"{backend}_{mode}_seed{seed}"), mode=mode, backend=backend,
                     seed=seed, env="math", workers=a.workers, worker_groups=a.worker_groups, group_size=a.group_size,
                     groups_per_step=a.groups_per_step, max_steps=a.steps, max_len=256,
                     max_new_tokens=a.length_median, length_median=a.length_median,

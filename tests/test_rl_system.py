@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory):
 
 
 def _cfg(ckpt, out, **kw):
-    base = dict(init_from=ckpt, out_dir=str(out), env="mix", workers=2, worker_groups=1, group_size=4,
+    base = dict(checkpoint=ckpt, out_dir=str(out), env="mix", workers=2, worker_groups=1, group_size=4,
                 groups_per_step=2, max_steps=3, max_new_tokens=12, max_len=128, n_eval_tasks=0, n_train_tasks=50,
                 lr=3e-3, plot=False, progress=False, lease_timeout_s=20.0, renew_every_s=0.5)
     return RLConfig(**{**base, **kw})
@@ -144,7 +144,7 @@ def _reference_sync(cfg: RLConfig, steps: int):
     """The synchronous loop in one process: generate B groups with version v, train, repeat."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    model, tok = load_hf(cfg.init_from).eval(), Tokenizer.load(cfg.init_from)
+    model, tok = load_hf(cfg.checkpoint).eval(), Tokenizer.load(cfg.checkpoint)
     learner, tasks = Learner(model, cfg), TaskSource(cfg)
     B, losses = cfg.groups_per_step, []
     for v in range(steps):
