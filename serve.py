@@ -20,7 +20,7 @@ import torch
 import uvicorn
 
 from nanoglm5.checkpoint import CheckpointError
-from nanoglm5.cli import config_field, parser_for, run_main
+from nanoglm5.cli import PathError, check_checkpoint, config_field, parser_for, run_main
 from nanoglm5.server import create_app
 
 
@@ -40,9 +40,11 @@ class ServeConfig:
     device: str = config_field("auto", "torch device of the model and the cache: auto (cuda if available), cpu, "
                                        "cuda, cuda:1 …")
     dtype: str = config_field("auto", "auto (bfloat16 on CUDA, else as the checkpoint stores it), float32, "
-                                      "bfloat16 or float16")
+                                      "bfloat16 or float16",
+                              choices=("auto", "float32", "bfloat16", "float16"))
     speculative: str = config_field("", "'mtp': speculative decoding with the model's MTP layer (lossless: same "
-                                        "output distribution, fewer forwards per token when drafts are accepted)")
+                                        "output distribution, fewer forwards per token when drafts are accepted)",
+                               choices=("", "mtp"))
     num_draft: int = config_field(1, "with --speculative mtp: draft tokens per step (the MTP layer chained)")
     threads: int = config_field(0, "torch CPU threads; 0 = torch's default")
 
@@ -70,6 +72,7 @@ def parse_args(argv=None) -> ServeConfig:
 
 
 def serve(cfg: ServeConfig) -> None:
+    check_checkpoint(cfg.checkpoint)
     print(f"[serve] {cfg}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -85,7 +88,7 @@ def serve(cfg: ServeConfig) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    return run_main(lambda: serve(cfg), (CheckpointError, FileNotFoundError, ValueError))
+    return run_main(lambda: serve(cfg), (CheckpointError, FileNotFoundError, ValueError, PathError))
 
 
 if __name__ == "__main__":

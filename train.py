@@ -2,8 +2,8 @@
 
     python data/prepare.py                                   # token shards + tokenizer into data/
     python train.py                                          # pretrain the tiny preset (~5 min, 2 cores)
-    python train.py --stage sft --init-from out/pretrain/ckpt  # chat SFT, loss on assistant tokens
-    python train.py --stage long_context --init-from out/pretrain/ckpt   # context extension: 2048 tokens,
+    python train.py --stage sft --checkpoint out/pretrain/ckpt  # chat SFT, loss on assistant tokens
+    python train.py --stage long_context --checkpoint out/pretrain/ckpt   # context extension: 2048 tokens,
                                                              # RoPE base raised 100x (GLM-4.5 §2.4), DSA on
     python train.py --resume                                 # continue out/pretrain/ckpt exactly
     python train.py --preset mini --index-topk 64 --optimizer muon
@@ -20,7 +20,7 @@ import sys
 from dataclasses import fields
 
 from nanoglm5.checkpoint import CheckpointError
-from nanoglm5.cli import base_type, parse_bool, parser_for, run_main
+from nanoglm5.cli import PathError, base_type, check_checkpoint, parse_bool, parser_for, run_main
 from nanoglm5.config import ModelConfig
 from nanoglm5.training.dist import teardown_distributed
 from nanoglm5.training.loop import Trainer
@@ -45,10 +45,16 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in args.items() if not k.startswith("model.")}, model=model)
 
 
+def run(cfg: TrainConfig) -> None:
+    if cfg.checkpoint:  # before any data is read
+        check_checkpoint(cfg.checkpoint)
+    Trainer(cfg).run()
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
-        return run_main(lambda: Trainer(cfg).run(), (TrainError, CheckpointError),
+        return run_main(lambda: run(cfg), (TrainError, CheckpointError, PathError),
                         f"{cfg.out_dir or 'out/' + cfg.stage}/ckpt")
     finally:
         teardown_distributed()

@@ -11,7 +11,7 @@ prefill tokens computed per trained token (loss-mask-1 tokens of the trajectorie
 (cached / looked-up prompt tokens), wall time, and whether both modes produced the same trajectories.
 
     python -m bench.prefix                                # a random toy checkpoint (~1 min on 2 cores)
-    python -m bench.prefix --init-from out/sft/ckpt       # the main job's SFT model
+    python -m bench.prefix --checkpoint out/sft/ckpt       # the main job's SFT model
 """
 
 import argparse
@@ -54,7 +54,7 @@ def measure(ckpt: str, cfg: RLConfig, tasks: list, prefix_caching: bool, block_s
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--init-from", default="", help="a checkpoint directory (default: a random toy checkpoint)")
+    ap.add_argument("--checkpoint", "--init-from", default="", help="a checkpoint directory (default: a random toy checkpoint)")
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--worker-groups", type=int, default=2)
@@ -66,7 +66,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = a.init_from or str(toy_checkpoint(Path(tmp) / "toy"))
+        ckpt = a.checkpoint or str(toy_checkpoint(Path(tmp) / "toy"))
         cfg = RLConfig(env="code_mt", group_size=a.group_size, worker_groups=a.worker_groups, max_turns=a.max_turns,
                        max_new_tokens=a.max_new_tokens, max_len=512, temperature=1.0, seed=0)
         tasks = make_envs(cfg)["code_mt"].make_tasks(a.groups, seed=0)
@@ -82,7 +82,7 @@ def main(argv=None):
     md = (f"Workload: `code_mt` (multi-turn code, up to {a.max_turns} attempts with the sandbox's feedback), "
           f"{a.groups} groups × G = {a.group_size}, {a.worker_groups} groups decoded together, "
           f"≤ {a.max_new_tokens} tokens per turn, temperature 1, block size "
-          f"{a.block_size}; model: {'`' + a.init_from + '`' if a.init_from else 'a random toy checkpoint (bench/toy.py)'}. "
+          f"{a.block_size}; model: {'`' + a.checkpoint + '`' if a.checkpoint else 'a random toy checkpoint (bench/toy.py)'}. "
           f"Off: every turn prefills the whole conversation and every sample its own prompt (the engine before "
           f"paging); on: the engine's prefix cache. Prefill work {rows[0]['prefill'] / max(rows[1]['prefill'], 1):.1f}× "
           f"lower; the same trajectories in {same} of {n} samples. The floor: each group's prompt once, and per sample "

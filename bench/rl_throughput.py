@@ -45,7 +45,7 @@ from nanoglm5.rl.rl_config import RLConfig
 
 def config(mode: str, backend: str, seed: int, ckpt: str, out: Path, a, judge_latency_s: float = 0.0) -> RLConfig:
     tag = f"{backend}_{mode}_seed{seed}" + (f"_judge{judge_latency_s:g}s" if judge_latency_s else "")
-    return RLConfig(init_from=ckpt, out_dir=str(out / tag), mode=mode, backend=backend, seed=seed, env=a.env,
+    return RLConfig(checkpoint=ckpt, out_dir=str(out / tag), mode=mode, backend=backend, seed=seed, env=a.env,
                     max_turns=a.max_turns, workers=a.workers, worker_groups=a.worker_groups, group_size=a.group_size,
                     groups_per_step=a.groups_per_step, max_steps=a.steps, max_new_tokens=a.max_new_tokens,
                     max_len=a.max_len, judge_latency_s=judge_latency_s, n_eval_tasks=0, n_train_tasks=400,

@@ -115,8 +115,8 @@ def stage_commands(a, b: Budget) -> list[tuple[str, list[str], str]]:
     data = str(out / "data")
     common = ["--preset", a.preset, "--device", a.device, "--data-dir", data, "--seed", str(a.seed),
               "--threads", str(a.threads)]
-    # the branches name the trunk's --init-from too: the model config comes from it (and init_from is resume-neutral)
-    sft = common + ["--stage", "sft", "--init-from", str(out / "pretrain" / "ckpt"), "--max-steps", str(b.sft_steps),
+    # the branches name the trunk's --checkpoint too: the model config comes from it (and checkpoint is resume-neutral)
+    sft = common + ["--stage", "sft", "--checkpoint", str(out / "pretrain" / "ckpt"), "--max-steps", str(b.sft_steps),
                     "--seq-len", str(b.seq_len)] + b.sft
     branch = b.sft_steps - b.sft_branch
     qat = ["--qat", "int4", "--qat-layers", a.qat_layers, "--qat-group-size", str(a.group_size),
@@ -137,9 +137,9 @@ def stage_commands(a, b: Budget) -> list[tuple[str, list[str], str]]:
          "full-precision SFT checkpoint"),
         # the sync run evaluates the SFT model before and itself after; the async run's evaluation is the eval
         # stage's, so the SFT model is evaluated once
-        ("rl_sync", [py, "rl.py", "--init-from", str(out / "sft" / "ckpt"), "--mode", "sync",
+        ("rl_sync", [py, "rl.py", "--checkpoint", str(out / "sft" / "ckpt"), "--mode", "sync",
                      "--out-dir", str(out / "rl_sync")] + rl + evals, "sync RL checkpoint"),
-        ("rl_async", [py, "rl.py", "--init-from", str(out / "sft" / "ckpt"), "--mode", "async",
+        ("rl_async", [py, "rl.py", "--checkpoint", str(out / "sft" / "ckpt"), "--mode", "async",
                       "--out-dir", str(out / "rl_async"), "--n-eval-tasks", "0"] + rl, "async RL checkpoint"),
         ("int4", [py, "-m", "nanoglm5.quant", "convert", "--checkpoint", str(out / "rl_async" / "ckpt"),
                   "--out", str(out / "int4")], "int4 checkpoint"),
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
           f"in all); report: {path}")
     print(f"[speedrun] serve the result:  python serve.py --checkpoint {a.out_dir / 'int4'}")
     print(f"[speedrun] extend the context (GLM-5's mid-training stage; not part of the 20 minutes):  python train.py "
-          f"--stage long_context --init-from {a.out_dir / 'pretrain' / 'ckpt'} --data-dir {a.out_dir / 'data'}")
+          f"--stage long_context --checkpoint {a.out_dir / 'pretrain' / 'ckpt'} --data-dir {a.out_dir / 'data'}")
     return 0
 
 

@@ -239,7 +239,7 @@ def test_controller_accounts_crashes_and_untrained_groups(ckpt, tmp_path):
     from nanoglm5.rl.controller import Controller, _Worker
     from nanoglm5.rl.messages import WorkerStats
 
-    cfg = RLConfig(init_from=ckpt, out_dir=str(tmp_path), env="code", group_size=4, groups_per_step=1,
+    cfg = RLConfig(checkpoint=ckpt, out_dir=str(tmp_path), env="code", group_size=4, groups_per_step=1,
                    max_staleness=3, n_eval_tasks=0, n_train_tasks=10, plot=False, progress=False)
     ctl = Controller(cfg, quiet=True)
     ctl.t0 = time.time()  # (start() sets it; no workers are started here)

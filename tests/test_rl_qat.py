@@ -63,7 +63,7 @@ def test_policy_loads_qat_and_workers_build_the_same_modules(qat_ckpt):
 def test_rollout_logprobs_are_the_quantized_models(qat_ckpt):
     """In-process worker loop: behaviour log-probs = the learner's log-probs on the QAT model (IS ratio 1)."""
     policy, tok = load_policy(qat_ckpt), Tokenizer.load(qat_ckpt / "tokenizer.json")
-    cfg = RLConfig(init_from=str(qat_ckpt), env="math", group_size=4, max_new_tokens=10, max_len=160, worker_groups=2)
+    cfg = RLConfig(checkpoint=str(qat_ckpt), env="math", group_size=4, max_new_tokens=10, max_len=160, worker_groups=2)
     src = TaskSource(cfg)
     worker = build_policy(policy_config(policy))
     WeightRelay(policy.state_dict()).pull(worker)
@@ -85,7 +85,7 @@ def test_rollout_logprobs_are_the_quantized_models(qat_ckpt):
 def test_rl_on_qat_model_converts_bit_identically(qat_ckpt, tmp_path):
     """Two sync RL steps with real worker processes: their log-probs are the QAT learner's, the RL checkpoint
     carries the recipe, and its int4 conversion has the RL model's logits bit for bit."""
-    cfg = RLConfig(init_from=str(qat_ckpt), out_dir=str(tmp_path / "rl"), mode="sync", env="math", workers=2,
+    cfg = RLConfig(checkpoint=str(qat_ckpt), out_dir=str(tmp_path / "rl"), mode="sync", env="math", workers=2,
                    worker_groups=1, group_size=4, groups_per_step=2, max_steps=2, max_new_tokens=10, max_len=128,
                    n_eval_tasks=0, n_train_tasks=20, lr=3e-3, plot=False, progress=False)
     ctl = Controller(cfg, quiet=True)

@@ -64,7 +64,7 @@ def mp_run(coin, tmp_path_factory):
 
 def test_backend_ray_without_ray_says_what_to_install(monkeypatch, ckpt, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails, as where it is not installed
-    rc = rl.main(["--init-from", ckpt, "--backend", "ray", "--env", "math", "--out-dir", str(tmp_path),
+    rc = rl.main(["--checkpoint", ckpt, "--backend", "ray", "--env", "math", "--out-dir", str(tmp_path),
                   "--n-eval-tasks", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "--backend ray needs Ray" in err and "pip install ray" in err, err

@@ -86,13 +86,13 @@ def assert_training_moved(ctl, what: str) -> None:
     """What makes "bit-equal training" a check: some step had a non-zero gradient (it is exactly 0 when every
     advantage is 0) and the weights left the checkpoint's."""
     assert any(h["grad_norm"] > 0 for h in ctl.history), f"{what}: every gradient was 0 (all advantages 0)"
-    init = load_hf(ctl.cfg.init_from).state_dict()
+    init = load_hf(ctl.cfg.checkpoint).state_dict()
     moved = [k for k, v in ctl.model.state_dict().items() if not torch.equal(v, init[k])]
     assert {"embed_tokens.weight", "lm_head.weight"} <= set(moved), f"{what}: only {moved} moved from the checkpoint"
 
 
 def _cfg(ckpt, out, **kw):
-    base = dict(init_from=ckpt, out_dir=str(out), env="mix", workers=2, worker_groups=1, group_size=4,
+    base = dict(checkpoint=ckpt, out_dir=str(out), env="mix", workers=2, worker_groups=1, group_size=4,
                 groups_per_step=2, max_steps=3, max_new_tokens=12, max_len=128, n_eval_tasks=0, n_train_tasks=50,
                 lr=3e-3, plot=False, progress=False, lease_timeout_s=20.0, renew_every_s=0.5)
     return RLConfig(**{**base, **kw})
@@ -204,7 +204,7 @@ def _reference_sync(cfg: RLConfig, steps: int):
     """The synchronous loop in one process: generate B groups with version v, train, repeat."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    model, tok = load_hf(cfg.init_from).eval(), Tokenizer.load(cfg.init_from)
+    model, tok = load_hf(cfg.checkpoint).eval(), Tokenizer.load(cfg.checkpoint)
     learner, tasks = Learner(model, cfg), CoinTasks(TaskSource(cfg))
     B, losses, advantages = cfg.groups_per_step, [], []
     for v in range(steps):

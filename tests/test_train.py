@@ -323,7 +323,7 @@ def test_corrupt_checkpoint_names_the_file(data_dir, tmp_path):
         Trainer(cfg(data_dir, tmp_path, max_steps=2, dense_steps=1, resume="auto"), quiet=True)
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    r = run_cli(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "o2"), "--init-from",
+    r = run_cli(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "o2"), "--checkpoint",
                  str(tmp_path / "ckpt"), "--max-steps", "1", "--seq-len", "32"])
     assert r.returncode == 1 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
 
@@ -537,7 +537,7 @@ def text_data_dir(tmp_path_factory):
 
 
 def _sft_cfg(data, out, init, **kw) -> TrainConfig:
-    base = dict(stage="sft", data_dir=str(data), out_dir=str(out), init_from=str(init), seq_len=64, batch_size=4,
+    base = dict(stage="sft", data_dir=str(data), out_dir=str(out), checkpoint=str(init), seq_len=64, batch_size=4,
                 micro_batch_size=2, max_steps=4, eval_every=0, save_every=0, eval_seqs=4, sample_tokens=0,
                 sft_examples=60, sft_pretrain_mix=0.25, warmup_steps=1, log_every=1, threads=1)
     return TrainConfig(**{**base, **kw})
@@ -583,13 +583,13 @@ def test_pretrain_then_sft_cli(text_data_dir, tmp_path):
     assert "bits/byte" in pre.stderr + pre.stdout and "sample:" in pre.stderr + pre.stdout
     ck = tmp_path / "pre" / "ckpt"
     assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {p.name for p in ck.iterdir()}
-    sft = run_cli([*common, "--stage", "sft", "--init-from", str(ck), "--out-dir", str(tmp_path / "sft"),
+    sft = run_cli([*common, "--stage", "sft", "--checkpoint", str(ck), "--out-dir", str(tmp_path / "sft"),
                    "--max-steps", "3", "--sft-examples", "60", "--eval-every", "3"])
     assert sft.returncode == 0, sft.stderr[-2000:]
     hist = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert hist[-1]["stage"] == "sparse" and np.isfinite(hist[-1]["val_loss"])
     no_init = run_cli([*common, "--stage", "sft", "--out-dir", str(tmp_path / "x")])
-    assert no_init.returncode == 1 and "--init-from" in no_init.stderr
+    assert no_init.returncode == 1 and "--checkpoint" in no_init.stderr
 
 
 def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exactly(data_dir, tmp_path):
@@ -603,7 +603,7 @@ def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exact
     with pytest.raises(TrainError, match="--stage long_context starts from a pretrained model"):
         Trainer(TrainConfig(stage="long_context", data_dir=str(data_dir), out_dir=str(tmp_path / "x")), quiet=True)
     lc = lambda out, **kw: TrainConfig(**{**dict(  # noqa: E731
-        stage="long_context", data_dir=str(data_dir), out_dir=str(out), init_from=str(pre), seq_len=192,
+        stage="long_context", data_dir=str(data_dir), out_dir=str(out), checkpoint=str(pre), seq_len=192,
         batch_size=2, micro_batch_size=1, max_steps=4, eval_every=0, save_every=0, eval_seqs=2, warmup_steps=1,
         sample_tokens=0, log_every=1), **kw})
     full = Trainer(lc(tmp_path / "full"), quiet=True)

@@ -97,9 +97,9 @@ class Controller:
         self.ckpt_dir = self.out_dir / "ckpt"
         self.step, self.version, self.history, self.elapsed0 = 0, 0, [], 0.0
         resume = self._resume_path()
-        src = resume or cfg.init_from
+        src = resume or cfg.checkpoint
         if not src:
-            raise TrainError("rl.py starts from a checkpoint: pass --init-from out/sft/ckpt (or --resume)")
+            raise TrainError("rl.py starts from a checkpoint: pass --checkpoint out/sft/ckpt (or --resume)")
         if not (Path(src) / "tokenizer.json").exists():
             raise TrainError(f"{src} has no tokenizer.json; RL needs the tokenizer the model was trained with "
                              "(train.py writes it into every checkpoint)")

@@ -16,7 +16,7 @@ from nanoglm5.rl.loss import AGGS, KINDS
 f = config_field  # a field with its --help text (cli.add_config_flags)
 
 # Settings that may change between a run and its --resume (the rest must match: training.state.check_resume).
-RESUME_NEUTRAL = {"max_steps", "time_budget_s", "resume", "init_from", "out_dir", "save_every", "log_every", "wandb",
+RESUME_NEUTRAL = {"max_steps", "time_budget_s", "resume", "checkpoint", "out_dir", "save_every", "log_every", "wandb",
                   "wandb_project", "plot", "progress", "workers", "worker_threads", "trainer_threads",
                   "lease_timeout_s", "renew_every_s", "n_eval_tasks", "repack", "long_workers", "long_threshold",
                   "backend", "ray_address", "device", "gpus_per_actor", "max_task_failures"}
@@ -31,21 +31,24 @@ class RLConfig:
     after step 1, reset minus none, +0.002 ± 0.004 per step; held-out sampled pass@1 after, +0.008 [−0.014,
     +0.030] (64 tasks × 4 draws, paired): no difference within noise, so GLM-5's choice is kept."""
 
-    init_from: str = f("", "the SFT checkpoint to start from (out/sft/ckpt); holds tokenizer.json")
+    checkpoint: str = f("", "the SFT checkpoint to start from (out/sft/ckpt); holds tokenizer.json",
+                        aliases=("--init-from",))
     resume: str = f("", "continue a run: 'auto' (= out_dir/ckpt) or a checkpoint path")
     out_dir: str = f("out/rl", "run directory: ckpt/, metrics.jsonl, reward_vs_time.png")
     seed: int = f(1337, "one seed: tasks, sampling (per (seed, group_id)), init")
-    mode: str = f("async", "async (workers run ahead up to --max-staleness versions) or sync (η = 0)")
+    mode: str = f("async", "async (workers run ahead up to --max-staleness versions) or sync (η = 0)", choices=("async", "sync"))
     env: str = f("code", "code (the sandboxed judge; where the tiny model learns), code_mt (multi-turn code: failing "
-                         "tests fed back, up to --max-turns attempts), math, agent or mix (math, code, agent)")
+                         "tests fed back, up to --max-turns attempts), math, agent or mix (math, code, agent)",
+                choices=("code", "code_mt", "math", "agent", "mix"))
     max_turns: int = f(3, "code_mt: attempts per episode (the first plus max_turns - 1 revisions after feedback)")
     turn_discount: float = f(1.0, "code_mt: reward of a pass at attempt k is turn_discount^(k-1) (1.0 = no discount)")
     # processes, backend and devices
-    backend: str = f("mp", "mp (worker processes on this machine) or ray (the workers and the learner as Ray actors)")
+    backend: str = f("mp", "mp (worker processes on this machine) or ray (the workers and the learner as Ray actors)",
+                    choices=("mp", "ray"))
     ray_address: str = f("", "--backend ray: join this running cluster ('auto' or host:port); empty = start a local "
                              "one sized to this machine and shut it down at exit")
     device: str = f("cpu", "cpu or cuda: where the learner and the workers run (the workers in bf16 on CUDA; on one "
-                           "GPU they share it with the learner)")
+                           "GPU they share it with the learner)", choices=("cpu", "cuda"))
     gpus_per_actor: float = f(0.0, "--backend ray --device cuda: GPUs each actor asks Ray for (0 = the learner and all "
                                    "workers share one GPU)")
     workers: int = f(2, "rollout worker processes")
@@ -67,7 +70,8 @@ class RLConfig:
     drop_tau: int = f(-2, "τ: drop samples whose oldest segment is more than τ versions old (GLM-5 §4.1). -2 (default): "
                           "τ = --max-staleness, η's bound enforced under every --order (fifo admission already keeps "
                           "it, so there it drops nothing); -1 = off")
-    order: str = f("fifo", "batch order: fifo (group_id order, staleness ≤ η) or ready (no head-of-line wait)")
+    order: str = f("fifo", "batch order: fifo (group_id order, staleness ≤ η) or ready (no head-of-line wait)",
+                   choices=("fifo", "ready"))
     push_every: int = f(1, "K: optimizer steps per weight push (one rollout batch = K·B groups)")
     reset_optimizer: bool = f(True, "clear the optimizer state after each weight push (GLM-5 §4.1; measured against "
                                     "--no-reset-optimizer: no difference within noise, kept as GLM-5: docs/LOG.md)")
@@ -84,8 +88,8 @@ class RLConfig:
     max_task_failures: int = f(3, "a group whose worker died this many times is dropped, never trained, with a log "
                                   "line (0 = retry forever); after its first death it runs alone on a worker")
     # loss and optimizer
-    loss: str = f("ddis", "ddis (GLM-5), grpo_clip, tis, icepop, is or pg")
-    agg: str = f("token_mean", "token_mean or sample_mean")
+    loss: str = f("ddis", "ddis (GLM-5), grpo_clip, tis, icepop, is or pg", choices=KINDS)
+    agg: str = f("token_mean", "token_mean or sample_mean", choices=AGGS)
     eps_low: float = f(0.2, "ε_l of the IS band / PPO clip")
     eps_high: float = f(0.28, "ε_h of the IS band / PPO clip")
     tis_cap: float = f(2.0, "TIS cap C")

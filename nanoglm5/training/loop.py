@@ -131,8 +131,8 @@ class Trainer:
             raise TrainError(f"--optimizer {c.optimizer!r}: choose adamw or muon")
         if c.decay not in ("cosine", "linear", "constant"):
             raise TrainError(f"--decay {c.decay!r}: choose cosine, linear or constant")
-        if c.stage in ("sft", "long_context") and not (c.init_from or c.resume):
-            raise TrainError(f"--stage {c.stage} starts from a pretrained model: pass --init-from out/pretrain/ckpt")
+        if c.stage in ("sft", "long_context") and not (c.checkpoint or c.resume):
+            raise TrainError(f"--stage {c.stage} starts from a pretrained model: pass --checkpoint out/pretrain/ckpt")
         if c.qat not in ("", "int4"):
             raise TrainError(f"--qat {c.qat!r}: the only scheme is int4")
         if c.fsdp and not self.dist.enabled:
@@ -162,15 +162,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def _tokenizer(self):
-        """The tokenizer of --init-from / --resume checkpoints, else of --data-dir (None if absent in pretraining)."""
+        """The tokenizer of --checkpoint / --resume checkpoints, else of --data-dir (None if absent in pretraining)."""
         c = self.cfg
-        for d in (c.resume if c.resume not in ("", "auto") else "", c.init_from, c.data_dir):
+        for d in (c.resume if c.resume not in ("", "auto") else "", c.checkpoint, c.data_dir):
             if d and (Path(d) / "tokenizer.json").exists():
                 self.tokenizer_file = Path(d) / "tokenizer.json"
                 return Tokenizer.load(self.tokenizer_file)
         self.tokenizer_file = None
         if c.stage == "sft":
-            raise TrainError(f"no tokenizer.json in {c.init_from or c.resume} or {c.data_dir}: "
+            raise TrainError(f"no tokenizer.json in {c.checkpoint or c.resume} or {c.data_dir}: "
                              "build one with `python data/prepare.py`")
         self.log(f"[train] no tokenizer.json in {c.data_dir}: no bits-per-byte and no sample generations")
         return None
@@ -221,8 +221,8 @@ class Trainer:
         c = self.cfg
         overrides = {k: v for k, v in c.model.items() if v is not None}
         try:
-            if c.init_from:
-                base = read_config(c.init_from)
+            if c.checkpoint:
+                base = read_config(c.checkpoint)
                 if c.stage == "long_context":
                     overrides.setdefault("rope_theta", base.rope_theta * LONG_CONTEXT_ROPE_FACTOR)
                     overrides.setdefault("max_position_embeddings", max(base.max_position_embeddings, c.seq_len))
@@ -243,12 +243,12 @@ class Trainer:
     def _build_model(self):
         c = self.cfg
         self.model_config = mc = self._model_config()
-        if c.init_from and not c.resume:
-            sd_model = load_hf(c.init_from)  # CheckpointError names the bad file
+        if c.checkpoint and not c.resume:
+            sd_model = load_hf(c.checkpoint)  # CheckpointError names the bad file
             torch.manual_seed(c.seed)
             self.model = GLM5(mc)
-            load_into(self.model, sd_model.state_dict(), c.init_from)
-            self.log(f"[train] initialised from {c.init_from}")
+            load_into(self.model, sd_model.state_dict(), c.checkpoint)
+            self.log(f"[train] initialised from {c.checkpoint}")
         else:
             torch.manual_seed(c.seed)
             self.model = GLM5(mc)
@@ -301,7 +301,7 @@ class Trainer:
             if not has_sharded_state(path):
                 raise CheckpointError(f"{path}: trainer_state.pt says the model and optimizer state are sharded, but "
                                       "the shard index (.metadata) is missing: the checkpoint is incomplete; resume "
-                                      "from an earlier one or start from its weights with --init-from")
+                                      "from an earlier one or start from its weights with --checkpoint")
             self._resume_shards = path
             if state.get("world") != self.dist.world:
                 self.log(f"[train] the checkpoint was written by {state.get('world')} ranks, this run has "

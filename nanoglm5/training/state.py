@@ -112,7 +112,7 @@ def load_trainer_state(path: str | Path) -> dict:
     f = resolve_dir(path) / "trainer_state.pt"
     if not f.exists():
         raise CheckpointError(f"{f} not found: {path} holds weights only, so it cannot be resumed; "
-                              "start a new run from it with --init-from")
+                              "start a new run from it with --checkpoint")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated zips and bad pickles
@@ -148,6 +148,8 @@ def check_resume(path, saved: dict, now: dict, neutral: set[str], what: str,
     """A resume must run the same math: raise TrainError listing every setting of `saved` (the checkpoint's)
     that differs in `now`, except the `neutral` ones. `model`: the (checkpoint, now) ModelConfig dicts,
     compared in full and listed as model.<field>. `what` opens the list ("the run used different settings")."""
+    # checkpoints written before the flag was renamed --init-from → --checkpoint (one name per knob) say init_from
+    saved = {("checkpoint" if k == "init_from" else k): v for k, v in saved.items()}
     diff = config_diff(saved, now, neutral)
     if model is not None:
         # special-token ids are the tokenizer's, not the math's: a checkpoint's config.json carries those of the
@@ -155,7 +157,7 @@ def check_resume(path, saved: dict, now: dict, neutral: set[str], what: str,
         diff += [f"model.{d}" for d in config_diff(*model, {"bos_token_id", "eos_token_id", "pad_token_id"})]
     if diff:
         raise TrainError(f"--resume {path}: {what}: " + "; ".join(diff)
-                         + ". Pass the same flags, or start a new run from its weights with --init-from")
+                         + ". Pass the same flags, or start a new run from its weights with --checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- sharded state (DCP)
@@ -212,7 +214,7 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizers: dict) -> 
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: the sharded model/optimizer state ({SHARDS_INDEX} + *.distcp) does not load "
                               f"({type(e).__name__}: {why}); resume from an earlier checkpoint or start a new run "
-                              "from its weights with --init-from") from None
+                              "from its weights with --checkpoint") from None
     set_model_state_dict(model, sd["model"])
     for key, o in _by_key(optimizers).items():
         if key in sd:

@@ -8,6 +8,7 @@ DeepSeek-V3.2 (arXiv 2512.02556, §2.1): a dense warm-up of the indexer alone, t
 from dataclasses import dataclass, replace
 
 from nanoglm5.cli import config_field
+from nanoglm5.config import PRESETS
 
 
 class TrainError(RuntimeError):
@@ -20,12 +21,15 @@ f = config_field  # a field with its --help text
 @dataclass
 class TrainConfig:
     stage: str = f("pretrain", "pretrain (token shards, DSA stages), sft (chat, loss on assistant tokens) or "
-                               "long_context (mid-training context extension of a pretrained model, raised RoPE base)")
-    preset: str = f("tiny", "ModelConfig preset (config.PRESETS); single fields via --index-topk etc.")
+                               "long_context (mid-training context extension of a pretrained model, raised RoPE base)",
+                  choices=("pretrain", "sft", "long_context"))
+    preset: str = f("tiny", "ModelConfig preset (config.PRESETS); single fields via --index-topk etc.",
+                choices=PRESETS)
     model: dict = f({}, "ModelConfig overrides; on the CLI, one flag per ModelConfig field")
     data_dir: str = f("data", "output of `python data/prepare.py`: tokenizer.json, tokens/, knowledge.jsonl")
     out_dir: str | None = f(None, "run directory; the latest checkpoint is out_dir/ckpt")
-    init_from: str = f("", "start from this checkpoint's weights (ours or an HF GlmMoeDsa directory)")
+    checkpoint: str = f("", "start from this checkpoint's weights (ours or an HF GlmMoeDsa directory)",
+                        aliases=("--init-from",))
     resume: str = f("", "continue a run exactly: 'auto' (= out_dir/ckpt) or a checkpoint path")
     seed: int = f(1337, "one seed for init, data order and everything else")
     # batches
@@ -45,11 +49,13 @@ class TrainConfig:
     balance_loss_weight: float = f(1e-4, "α of the sequence-level balance loss (GLM-4.5: 1e-4)")
     bias_update_rate: float = f(1e-3, "γ of the aux-loss-free router-bias update (GLM-4.5: 1e-3)")
     # optimizer
-    optimizer: str = f("adamw", "adamw, or muon (2D matrices; experts, embeddings, norms, router on AdamW)")
+    optimizer: str = f("adamw", "adamw, or muon (2D matrices; experts, embeddings, norms, router on AdamW)",
+                     choices=("adamw", "muon"))
     lr: float | None = f(None, "peak learning rate")
     min_lr_ratio: float = f(0.1, "final lr as a fraction of the peak")
     warmup_steps: int | None = f(None, "linear lr warm-up steps")
-    decay: str = f("cosine", "lr decay after warm-up: cosine, linear or constant")
+    decay: str = f("cosine", "lr decay after warm-up: cosine, linear or constant",
+                 choices=("cosine", "linear", "constant"))
     weight_decay: float = f(0.1, "decoupled weight decay of matrices")
     beta1: float = f(0.9, "AdamW β1")
     beta2: float = f(0.95, "AdamW β2")
@@ -64,7 +70,8 @@ class TrainConfig:
     wandb_project: str = f("nanoglm5", "W&B project name")
     # hardware
     device: str = f("auto", "auto (cuda if available), cpu, cuda, cuda:1 …")
-    dtype: str = f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
+    dtype: str = f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
+                 choices=("auto", "fp32", "bf16"))
     fsdp: bool = f(False, "under torchrun: shard parameters and optimizer state with FSDP2 (fully_shard) instead "
                           "of DDP; checkpoints then hold the shards too (torch.distributed.checkpoint)")
     threads: int = f(0, "CPU threads (0 = torch default)")
@@ -84,6 +91,8 @@ class TrainConfig:
         """Fill the stage-dependent fields left at None from STAGE_DEFAULTS."""
         if self.stage not in STAGE_DEFAULTS:
             raise TrainError(f"--stage {self.stage!r}: choose one of {sorted(STAGE_DEFAULTS)}")
+        if self.preset not in PRESETS:  # here, before the trainer reads any data
+            raise TrainError(f"--preset {self.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
         d = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
         return replace(self, **d)
 
@@ -115,7 +124,7 @@ LONG_CONTEXT_ROPE_FACTOR = 100.0
 # Fields that may change between a run and its --resume without breaking exactness of the math. fsdp, like the
 # number of ranks, changes only the order of floating-point reductions (its sharded state reshards on load).
 RESUME_NEUTRAL = {"max_steps", "until_step", "save_every", "eval_every", "eval_seqs", "sample_tokens", "log_every", "wandb",
-                  "wandb_project", "resume", "init_from", "out_dir", "data_dir", "device", "dtype", "threads", "fsdp"}
+                  "wandb_project", "resume", "checkpoint", "out_dir", "data_dir", "device", "dtype", "threads", "fsdp"}
 
 # The QAT recipe may be switched on by a --resume that has not reached --qat-start-step yet: until then the run
 # trains in full precision either way, so the branch is exact (Trainer._maybe_resume checks the steps).
