@@ -65,7 +65,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(data=[], pretrain=["--max-steps", "400"], sft=[], sft_steps=600, sft_branch=60,
-                   rl=["--max-steps", "20"], rl_seconds=900, eval_tasks=128, eval_samples=8),
+                   rl=["--max-steps", "20", "--env", "code_mt"], rl_seconds=900, eval_tasks=128, eval_samples=8),
     "quick": Budget(data=["--budget-mb", "0.3", "--max-docs", "150", "--vocab-size", "600"],
                     pretrain=["--max-steps", "12", "--dense-steps", "6", "--dsa-warmup-steps", "2", "--batch-size", "4",
                               "--micro-batch-size", "4", "--eval-every", "6", "--eval-seqs", "4",
@@ -74,7 +74,7 @@ BUDGETS = {
                          "--eval-every", "3", "--eval-seqs", "4", "--sample-tokens", "8", "--sft-pretrain-mix", "0.25"],
                     sft_steps=6, sft_branch=2,
                     rl=["--max-steps", "2", "--group-size", "2", "--groups-per-step", "2", "--max-new-tokens", "12",
-                        "--n-train-tasks", "20"],
+                        "--n-train-tasks", "20", "--env", "code_mt"],
                     rl_seconds=60, eval_tasks=6, eval_samples=2, eval_seqs=4, seq_len=96),
 }
 
