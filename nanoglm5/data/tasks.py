@@ -235,6 +235,15 @@ def math_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
     return tasks
 
 
+def _test_args(r: random.Random, k: int, ints_from) -> tuple[list, list, list, list]:
+    """k random test-argument tuples of each kind a template takes: ints, lists, words, pairs."""
+    ints = [(x,) for x in r.sample(ints_from, k)]
+    lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(k)]
+    words = [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(k)]
+    pairs = [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(k)]
+    return ints, lists, words, pairs
+
+
 def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[str, str, str, list[tuple]]:
     """(spec, signature, reference body, test argument tuples) for one random template.
 
@@ -243,10 +252,7 @@ def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[
     number from the prompt and copying it, not recalling a memorised answer. The first template is the
     only one with two constants; `two_constant_weight` draws it that many times as often as each other."""
     a, b, k = r.randint(2, 19), r.randint(1, 29), r.randint(2, 19)
-    ints = [(x,) for x in r.sample(range(-20, 21), 5)]
-    lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(5)]
-    words = [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(5)]
-    pairs = [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(5)]
+    ints, lists, words, pairs = _test_args(r, 5, range(-20, 21))
     choices = [
         (f"returns {a} times x plus {b}", "f(x)", f"{a} * x + {b}", ints),
         (f"returns x times x minus {b}", "f(x)", f"x * x - {b}", ints),
@@ -295,12 +301,10 @@ HIDDEN_EVAL_ONLY = ("returns the length of the string s plus the hidden number",
 def _hidden_template(r: random.Random) -> tuple[str, str, str, list[tuple], int]:
     """(spec, signature, reference body, test argument tuples, hidden constant); the first test reveals it."""
     n = r.randint(2, 29)
-    ints = [(0,)] + [(x,) for x in r.sample([i for i in range(-20, 21) if i], 4)]
-    lists = [([],)] + [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(4)]
-    ones = [([r.randint(-9, 9)],)] + [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(4)]
-    words = [("",)] + [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(4)]
-    pairs = [(0, 0)] + [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(4)]
-    units = [(0, 1)] + [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(4)]
+    ints, lists, words, pairs = _test_args(r, 4, [i for i in range(-20, 21) if i])
+    # first the edge case whose expected value is n itself: f(0), sum([]), len([v]), len(""), max(0, 0), 0 + n * 1
+    ones, units = [([r.randint(-9, 9)],)] + lists, [(0, 1)] + pairs
+    ints, lists, words, pairs = [(0,)] + ints, [([],)] + lists, [("",)] + words, [(0, 0)] + pairs
     choices = [
         (f"returns the absolute value of x plus {HIDDEN}", "f(x)", f"abs(x) + {n}", ints),
         (f"returns the larger of a and b plus {HIDDEN}", "f(a, b)", f"max(a, b) + {n}", pairs),
