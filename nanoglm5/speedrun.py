@@ -12,9 +12,10 @@ Stages, each the same command a user would type, run one after another (docs/des
                                                        the last steps with INT4 fake quantization (GLM-5 §2.4.3)
     sft_fp     python train.py --stage sft --resume sft_trunk/ckpt   the same last steps in full precision:
                                                        the PTQ baseline; nothing before the branch is computed twice
-    rl_sync    python rl.py --mode sync                synchronous RL of the QAT model (fake quant in the learner
-                                                       and the workers), held-out pass@1 before and after
-    rl_async   python rl.py --mode async               asynchronous RL, the same steps, the same cores
+    rl_sync    python rl.py --mode sync --env code_mt  synchronous multi-turn code RL of the QAT model (fake quant
+                                                       in the learner and the workers; docs/rl_tasks.md), held-out
+                                                       pass@1 (all tests pass, per turn) before and after
+    rl_async   python rl.py --mode async --env code_mt asynchronous RL, the same steps, the same cores
     int4       python -m nanoglm5.quant convert        packed int4 of the async RL model, with its QAT recipe:
                                                        logits equal to the RL model's bit for bit
     eval       (in process, nanoglm5/report.py)        what the stages did not measure, then report.md, plots
