@@ -166,6 +166,9 @@ def evaluate_all(a, b) -> dict:
                    "greedy_equals_rl_async": ev["int4"]["acc"] == ev["rl_async"]["acc"]}
 
     res["pass1"] = {k: _pass1(v) for k, v in ev.items()}
+    # pass@1 within 1, 2, ... attempts (code_mt: the first attempt, after one revision, ...)
+    res["pass1_by_turn"] = {k: v.get("by_turn", {}).get("acc") for k, v in ev.items()}
+    res["pass1_by_turn_sampled"] = {k: v.get("by_turn", {}).get("sampled") for k, v in ev.items()}
     if same:  # equal logits → equal samples: the sampled pass@1 is the RL model's
         res["pass1"]["int4"].update({k: res["pass1"]["rl_async"][k] for k in ("sampled", "sampled_ci")},
                                     sampled_from="rl_async (bit-identical logits)")
@@ -235,7 +238,8 @@ def results_json(a, b, secs: dict, loads: dict, res: dict) -> dict:
     stages = {k: round(v, 1) for k, v in secs.items()}
     cpu = {k: round(v["cpu_s"], 1) for k, v in loads.items() if v.get("cpu_s") is not None}
     return {"total_seconds": round(sum(secs.values()), 1), "stages": stages, "stages_cpu_seconds": cpu,
-            "pass1": res["pass1"],
+            "pass1": res["pass1"], "pass1_by_turn": res["pass1_by_turn"],
+            "pass1_by_turn_sampled": res["pass1_by_turn_sampled"],
             "rl_gain": res["rl_gain"], "val_loss": res["val_loss"], "chat_loss": res["chat_loss"], "int4": res["int4"],
             "rl": res["rl"], "judged": res["judged"], "eval": res["eval"],
             "seeds": {"run": a.seed, "eval": res["eval"]["seed"], "rl_runs": 1,

@@ -12,9 +12,10 @@ Stages, each the same command a user would type, run one after another (docs/des
                                                        the last steps with INT4 fake quantization (GLM-5 §2.4.3)
     sft_fp     python train.py --stage sft --resume sft_trunk/ckpt   the same last steps in full precision:
                                                        the PTQ baseline; nothing before the branch is computed twice
-    rl_sync    python rl.py --mode sync                synchronous RL of the QAT model (fake quant in the learner
-                                                       and the workers), held-out pass@1 before and after
-    rl_async   python rl.py --mode async               asynchronous RL, the same steps, the same cores
+    rl_sync    python rl.py --mode sync --env code_mt  synchronous multi-turn code RL of the QAT model (fake quant
+                                                       in the learner and the workers; docs/rl_tasks.md), held-out
+                                                       pass@1 (all tests pass, per turn) before and after
+    rl_async   python rl.py --mode async --env code_mt asynchronous RL, the same steps, the same cores
     int4       python -m nanoglm5.quant convert        packed int4 of the async RL model, with its QAT recipe:
                                                        logits equal to the RL model's bit for bit
     eval       (in process, nanoglm5/report.py)        what the stages did not measure, then report.md, plots
@@ -65,7 +66,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(data=[], pretrain=["--max-steps", "400"], sft=[], sft_steps=600, sft_branch=60,
-                   rl=["--max-steps", "20"], rl_seconds=900, eval_tasks=128, eval_samples=8),
+                   rl=["--max-steps", "20", "--env", "code_mt"], rl_seconds=900, eval_tasks=128, eval_samples=8),
     "quick": Budget(data=["--budget-mb", "0.3", "--max-docs", "150", "--vocab-size", "600"],
                     pretrain=["--max-steps", "12", "--dense-steps", "6", "--dsa-warmup-steps", "2", "--batch-size", "4",
                               "--micro-batch-size", "4", "--eval-every", "6", "--eval-seqs", "4",
@@ -74,7 +75,7 @@ BUDGETS = {
                          "--eval-every", "3", "--eval-seqs", "4", "--sample-tokens", "8", "--sft-pretrain-mix", "0.25"],
                     sft_steps=6, sft_branch=2,
                     rl=["--max-steps", "2", "--group-size", "2", "--groups-per-step", "2", "--max-new-tokens", "12",
-                        "--n-train-tasks", "20"],
+                        "--n-train-tasks", "20", "--env", "code_mt"],
                     rl_seconds=60, eval_tasks=6, eval_samples=2, eval_seqs=4, seq_len=96),
 }
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -240,3 +241,20 @@ def test_prepare_hf_offline_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         _prepare().main(["--out-dir", str(tmp_path), "--source", "hf:someone/data"])
     assert "offline" in str(e.value) and "python data/prepare.py" in str(e.value)
+
+
+def test_feedback_tasks_held_out_by_template_and_constant_and_their_constant_is_only_in_the_feedback():
+    train, held = tasks.feedback_tasks(300, 0, "train"), tasks.feedback_tasks(300, 0, "eval")
+    key = {t.messages[1]["content"] + f"|{t.meta['hidden']}" for t in train}
+    assert not key & {t.messages[1]["content"] + f"|{t.meta['hidden']}" for t in held}  # disjoint by constant
+    held_out = [t for t in held if t.messages[1]["content"].endswith(tasks.HIDDEN_EVAL_ONLY[0][len("returns "):] + ".")]
+    assert held_out and not any(tasks.HIDDEN_EVAL_ONLY[0][8:] in t.messages[1]["content"] for t in train)  # by template
+    sft_prompts = {t.messages[1]["content"] for t in tasks.code_tasks(400, 0, "sft")}
+    assert not sft_prompts & {t.messages[1]["content"] for t in train + held}  # SFT shows none of them
+    for t in train[:50] + held[:50]:
+        assert not re.search(r"\d", t.messages[1]["content"].replace("f(x)", ""))  # no number in the prompt
+        sig, k = t.meta["signature"], t.meta["hidden"]
+        f = eval(f"lambda {sig[2:-1]}: {t.answer.split('return ', 1)[1]}")
+        assert repr(f(*t.meta["tests"][0][0])) == t.meta["tests"][0][1] == repr(k)  # the first test shows it
+        wrong = eval(f"lambda {sig[2:-1]}: {t.answer.split('return ', 1)[1].replace(str(k), str(k + 1))}")
+        assert repr(wrong(*t.meta["tests"][0][0])) != t.meta["tests"][0][1]  # any other constant fails it

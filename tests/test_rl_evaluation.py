@@ -9,6 +9,7 @@ from nanoglm5.rl.evaluation import (
     gain,
     mean_ci,
     moving,
+    pass_by_turn,
     plot_reward_vs_time,
     plot_timeline,
     timeline_rows,
@@ -80,3 +81,13 @@ def test_figures(tmp_path):
     util = plot_timeline({"sync": TIMELINE, "async": TIMELINE}, tmp_path / "t.png", walls={"sync": 10.0})
     assert util["sync"]["wall_s"] == 10.0 and util["async"]["wall_s"] == 8.0
     assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_pass_by_turn_counts_an_episode_solved_at_attempt_2_within_2_not_within_1():
+    # task 0: one draw solved at attempt 1, one at attempt 2; task 1: solved at 3; task 2: never solved
+    episodes = [[(1.0, 1), (1.0, 2)], [(1.0, 3)], [(0.0, 3)]]
+    by_turn = pass_by_turn(episodes, max_turns=3)
+    assert by_turn == pytest.approx([0.5 / 3, 1.0 / 3, 2.0 / 3])
+    # the last entry is the plain pass@1 (mean over tasks of the mean reward of its draws)
+    assert by_turn[-1] == pytest.approx(np.mean([np.mean([r for r, _ in eps]) for eps in episodes]))
+    assert pass_by_turn([[(1.0, 1)]], max_turns=2) == [1.0, 1.0]  # a single-turn env: flat

@@ -14,9 +14,9 @@ from bench.toy import toy_checkpoint
 from nanoglm5.checkpoint import load_hf
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl import envs as envs_mod
+from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, is_stale, tau_drop, wasted_tokens
 from nanoglm5.rl.buffer import Group, Lease, ReplayBuffer, Trajectory
 from nanoglm5.rl.envs import EnvCrash, MultiTurnCodeEnv, make_env
-from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, is_stale, tau_drop, wasted_tokens
 from nanoglm5.rl.rl_config import RLConfig
 from nanoglm5.rl.rollout import Rollout, make_envs
 from nanoglm5.rl.sandbox import bwrap_available
@@ -271,3 +271,16 @@ def test_glm5_async_rules_are_on_by_default():
     assert RLConfig(drop_tau=-1).resolved().drop_tau == -1 and RLConfig(drop_tau=1).resolved().drop_tau == 1
     with pytest.raises(ValueError, match="--drop-tau"):
         RLConfig(drop_tau=-3).resolved().validate()
+
+
+@needs_bwrap
+def test_a_feedback_task_is_solved_by_the_number_its_feedback_shows():
+    env = MultiTurnCodeEnv(max_turns=3, feedback_frac=1.0)
+    t = next(t for t in env.make_tasks(20, seed=3) if t.meta["signature"] == "f(x)")
+    k, body = t.meta["hidden"], t.answer.split("return ", 1)[1]
+    guess = body.replace(str(k), str(k + 5))  # the prompt alone: any constant but the hidden one
+    steps, state = _episode(env, t, [f"def f(x): return {guess}", "then the number the observation ends with"])
+    obs = steps[0][0]
+    assert steps[0][1:] == (False, 0.0) and obs.endswith(f"expected {k}"), obs
+    steps, state = _episode(env, t, [f"def f(x): return {guess}", body.replace(str(k), obs.rsplit(" ", 1)[1])])
+    assert steps[-1] == (None, True, 1.0) and state["solved_at"] == 2

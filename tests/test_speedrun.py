@@ -37,6 +37,9 @@ def test_quick_speedrun_end_to_end_resume_and_broken_stage(tmp_path, capsys):
     assert list(res["stages"]) == stages and res["total_seconds"] == pytest.approx(sum(res["stages"].values()), abs=1)
     for model in ("sft", "rl_sync", "rl_async", "int4"):
         assert {"greedy", "sampled"} <= set(res["pass1"][model]) and len(res["pass1"][model]["sampled_ci"]) == 2
+        # code_mt's pass@1 per turn: within 1, 2, 3 attempts, never falling; the last is the pass@1
+        turns = res["pass1_by_turn"][model]
+        assert len(turns) == 3 and turns == sorted(turns) and turns[-1] == pytest.approx(res["pass1"][model]["greedy"])
     assert {"pretrain", "after_sft"} <= set(res["val_loss"]) and res["host"]["cores"] >= 1
     assert res["int4"]["bit_identical_logits"] and res["int4"]["greedy_equals_rl_async"]
     assert res["int4"]["weight_bytes"] < 0.75 * res["int4"]["fp32_weight_bytes"]

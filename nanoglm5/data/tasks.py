@@ -8,7 +8,9 @@ generator, and the SFT stage (data/sft.py) and the RL environments (rl/envs.py) 
          problems with exact answers and worked solutions; `check_math_answer` is the verifier
          (exact rational equality of the final answer), used by SFT data, RL rewards and the INT4 bench.
   code   `code_tasks`: a one-line Python function from a templated spec with a constant to copy, a
-         reference one-liner and hidden tests (argument tuples with the expected `repr`).
+         reference one-liner and hidden tests (argument tuples with the expected `repr`);
+         `feedback_tasks`: the same shapes with the constant left out of the prompt ("plus the hidden
+         number"): only a failed attempt's feedback shows it (multi-turn RL, rl/envs.py `code_mt`).
   agent  `agent_tasks`: a chain of arithmetic steps to go through a calculator tool (`CALL add 3 4`),
          then `ANSWER n`; the number of steps is heavy-tailed (lognormal, p99/p50 ≈ 10), the long tail
          asynchronous RL hides (GLM-5 §4.1).
@@ -233,6 +235,15 @@ def math_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
     return tasks
 
 
+def _test_args(r: random.Random, k: int, ints_from) -> tuple[list, list, list, list]:
+    """k random test-argument tuples of each kind a template takes: ints, lists, words, pairs."""
+    ints = [(x,) for x in r.sample(ints_from, k)]
+    lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(k)]
+    words = [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(k)]
+    pairs = [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(k)]
+    return ints, lists, words, pairs
+
+
 def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[str, str, str, list[tuple]]:
     """(spec, signature, reference body, test argument tuples) for one random template.
 
@@ -241,10 +252,7 @@ def _code_template(r: random.Random, two_constant_weight: float = 1.0) -> tuple[
     number from the prompt and copying it, not recalling a memorised answer. The first template is the
     only one with two constants; `two_constant_weight` draws it that many times as often as each other."""
     a, b, k = r.randint(2, 19), r.randint(1, 29), r.randint(2, 19)
-    ints = [(x,) for x in r.sample(range(-20, 21), 5)]
-    lists = [(r.sample(range(-9, 30), r.randint(1, 6)),) for _ in range(5)]
-    words = [(r.choice(["ab", "cat", "xyz", "hello", "q", "tree"]),) for _ in range(5)]
-    pairs = [(r.randint(-20, 20), r.randint(-20, 20)) for _ in range(5)]
+    ints, lists, words, pairs = _test_args(r, 5, range(-20, 21))
     choices = [
         (f"returns {a} times x plus {b}", "f(x)", f"{a} * x + {b}", ints),
         (f"returns x times x minus {b}", "f(x)", f"x * x - {b}", ints),
@@ -276,6 +284,59 @@ def code_tasks(n: int, seed: int, split: str = "train", two_constant_weight: flo
             continue
         tasks.append(Task(f"code/{split}/{seed}/{len(tasks)}", "code", _prompt(CODE_SYSTEM, f"Write {sig} that {spec}."),
                           f"def {sig}: return {body}", {"signature": sig, "tests": tests}))
+    return tasks
+
+
+# Feedback tasks: the constant is in no prompt, only in the tests' feedback (code_mt, docs/rl_tasks.md).
+# The prompt says "plus the hidden number"; the first hidden test is an edge case whose expected value IS the
+# number (f(0) of abs(x) + N is N), so a first attempt cannot know it and the observation of a failed attempt
+# ("f(0) returned 3, expected 17") shows it. Reading the number out of the feedback and writing it where it
+# belongs is the one skill a revision needs: narrow enough for a 2M-parameter model, and never demonstrated
+# (SFT shows single attempts of the templates above, whose constants are in the prompt).
+HIDDEN = "the hidden number"
+# the template held out by template: no RL-train task is "the length of the string s plus the hidden number"
+HIDDEN_EVAL_ONLY = ("returns the length of the string s plus the hidden number",)
+
+
+def _hidden_template(r: random.Random) -> tuple[str, str, str, list[tuple], int]:
+    """(spec, signature, reference body, test argument tuples, hidden constant); the first test reveals it."""
+    n = r.randint(2, 29)
+    ints, lists, words, pairs = _test_args(r, 4, [i for i in range(-20, 21) if i])
+    # first the edge case whose expected value is n itself: f(0), sum([]), len([v]), len(""), max(0, 0), 0 + n * 1
+    ones, units = [([r.randint(-9, 9)],)] + lists, [(0, 1)] + pairs
+    ints, lists, words, pairs = [(0,)] + ints, [([],)] + lists, [("",)] + words, [(0, 0)] + pairs
+    choices = [
+        (f"returns the absolute value of x plus {HIDDEN}", "f(x)", f"abs(x) + {n}", ints),
+        (f"returns the larger of a and b plus {HIDDEN}", "f(a, b)", f"max(a, b) + {n}", pairs),
+        (f"returns a plus {HIDDEN} times b", "f(a, b)", f"a + {n} * b", units),
+        (f"returns the sum of the list xs plus {HIDDEN}", "f(xs)", f"sum(xs) + {n}", lists),
+        (f"returns the length of the list xs times {HIDDEN}", "f(xs)", f"len(xs) * {n}", ones),
+        (f"returns the length of the string s plus {HIDDEN}", "f(s)", f"len(s) + {n}", words),
+    ]
+    return (*r.choice(choices), n)
+
+
+def hidden_split(spec: str, n: int) -> str:
+    """A feedback task's split: "eval" for the held-out template, else by a hash of (template, constant) into
+    "train" or "eval" (the "sft" share is unused: SFT never shows a feedback task)."""
+    if spec in HIDDEN_EVAL_ONLY:
+        return "eval"
+    split = task_split(f"hidden|{spec}|{n}")
+    return "train" if split == "sft" else split
+
+
+def feedback_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
+    """n feedback tasks of `split` ("train" or "eval"); meta as code_tasks', plus "hidden" (the constant)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"feedback tasks have splits 'train' and 'eval' (SFT shows none), got {split!r}")
+    r, tasks = random.Random(f"rl-feedback:{seed}"), []
+    while len(tasks) < n:
+        spec, sig, body, args, k = _hidden_template(r)
+        if hidden_split(spec, k) != split:
+            continue
+        tests = [[list(a), repr(eval(f"lambda {sig[2:-1]}: {body}")(*a))] for a in args]  # our own reference
+        tasks.append(Task(f"code_fb/{split}/{seed}/{len(tasks)}", "code", _prompt(CODE_SYSTEM, f"Write {sig} that {spec}."),
+                          f"def {sig}: return {body}", {"signature": sig, "tests": tests, "hidden": k}))
     return tasks
 
 

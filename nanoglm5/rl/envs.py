@@ -52,6 +52,7 @@ from nanoglm5.data.tasks import (
     agent_tasks,
     check_math_answer,
     code_tasks,
+    feedback_tasks,
     lognormal_sigma,
     math_tasks,
 )
@@ -266,17 +267,24 @@ class MultiTurnCodeEnv:
     system = CODE_SYSTEM
 
     def __init__(self, max_turns: int = 3, turn_discount: float = 1.0, timeout_s: float = 2.0, memory_mb: int = 256,
-                 feedback_chars: int = 120, allow_unsandboxed: bool = False):
+                 feedback_chars: int = 160, feedback_frac: float = 0.5, allow_unsandboxed: bool = False):
         if max_turns < 1:
             raise ValueError(f"max_turns={max_turns}: an episode needs at least 1 attempt (use >= 3 for revisions)")
         if not 0.0 < turn_discount <= 1.0:
             raise ValueError(f"turn_discount={turn_discount}: use a factor in (0, 1] (1.0 = no discount)")
+        if not 0.0 <= feedback_frac <= 1.0:
+            raise ValueError(f"feedback_frac={feedback_frac}: use a share in [0, 1] (0 = only prompts with constants)")
+        self.feedback_frac = feedback_frac
         self.max_turns, self.turn_discount, self.feedback_chars = max_turns, turn_discount, feedback_chars
         self.timeout_s, self.memory_mb, self.allow_unsandboxed = timeout_s, memory_mb, allow_unsandboxed
 
     def make_tasks(self, n: int, seed: int, split: str = "train") -> list[Task]:
-        """The code tasks (same prompts, tests and splits as `code`), served by this environment."""
-        return [Task(t.task_id, self.name, t.messages, t.answer, t.meta) for t in code_tasks(n, seed, split)]
+        """The code tasks (same prompts, tests and splits as `code`) and, a `feedback_frac` share of them,
+        feedback tasks whose constant only a failed attempt's feedback shows (data/tasks.py), shuffled."""
+        n_fb = round(self.feedback_frac * n) if split != "sft" else 0
+        tasks = code_tasks(n - n_fb, seed, split) + (feedback_tasks(n_fb, seed, split) if n_fb else [])
+        random.Random(f"code_mt:{seed}:{split}").shuffle(tasks)
+        return [Task(t.task_id, self.name, t.messages, t.answer, t.meta) for t in tasks]
 
     def check(self, task: Task, completion: str) -> tuple[bool, str, dict]:
         """(all tests passed, feedback for the model, details). Raises EnvCrash if the sandbox never ran it."""
@@ -288,8 +296,10 @@ class MultiTurnCodeEnv:
             return False, f"Timed out: the program did not finish within {self.timeout_s:g} s.", details
         if res.limit_hit:
             return False, f"The program was stopped: it hit the {res.limit_hit} limit.", details
-        if out.reprs is None:
-            return False, _clip(f"The program failed: {_last_error_line(res.stderr)}", self.feedback_chars), details
+        call, want = _call_text(task, tests[0][0]), tests[0][1]
+        if out.reprs is None:  # what the first test expects too: a revision has something to go on
+            why = _clip(_last_error_line(res.stderr), 60)
+            return False, _clip(f"The program failed: {why}. {call} expected {want}", self.feedback_chars), details
         passed = out.passed([want for _, want in tests])
         details["passed"] = passed
         if passed == len(tests):
@@ -298,7 +308,8 @@ class MultiTurnCodeEnv:
         args, want = tests[i]
         call = _call_text(task, args)
         err = out.errors[i] if out.errors else None
-        what = f"{call} raised {err}" if err else f"{call} returned {out.reprs[i]}, expected {want}"
+        # the expected value last, never clipped away: it is what a revision needs (the feedback tasks' constant)
+        what = f"{call} raised {_clip(err, 60)}, expected {want}" if err else f"{call} returned {_clip(out.reprs[i], 30)}, expected {want}"
         return False, _clip(f"{passed}/{len(tests)} tests passed. {what}", self.feedback_chars), details
 
     def reset(self, task: Task) -> dict:

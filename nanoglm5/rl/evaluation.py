@@ -1,4 +1,4 @@
-"""How an RL run is judged: held-out pass@1 (greedy and sampled) through the rollout engine, confidence
+"""How an RL run is judged: held-out pass@1 (greedy and sampled, all tests pass, per turn) through the rollout engine, confidence
 intervals for it and for RL's gain, and the figures of a run: reward against wall clock (a moving average
 with its spread, the held-out evaluations marked) and the timeline of who was busy when (trainer and
 workers: generating, judging, waiting)."""
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nanoglm5.rl.buffer import Lease
+from nanoglm5.rl.envs import make_env
 from nanoglm5.rl.rl_config import RLConfig
 from nanoglm5.rl.rollout import Rollout, make_envs
 
@@ -51,13 +52,18 @@ def evaluate(model, tokenizer, tasks, cfg: RLConfig, batch_groups: int = 16, sam
     the same draws. Sampled pass@1 is what RL optimises (the policy's expected reward); greedy shows what
     it does to the mode, which the SFT model may already have right. "per_task" holds each task's greedy
     reward and mean sampled reward (in task order), for confidence intervals and paired differences
-    (`mean_ci`, `gain`). Reads max_new_tokens, max_len, temperature, seed, env_threads and
-    allow_unsandboxed from `cfg`."""
+    (`mean_ci`, `gain`). "by_turn" is pass@1 per turn, {"acc": [...], "sampled": [...]}: entry k − 1 counts
+    the episodes solved within k attempts (a multi-turn env's first attempt, after one revision, ...), length
+    `cfg.max_turns`; the last equals "acc"/"sampled" when turn_discount is 1. Reads max_new_tokens, max_len,
+    temperature, seed, env_threads, max_turns and allow_unsandboxed from `cfg`."""
 
     judged = {True: 0, False: 0}
-    envs = {name: (MemoJudge(env) if hasattr(env, "judge") else env) for name, env in make_envs(cfg).items()}
+    # pass@1 is "the program passes ALL its tests": the single-turn code env trains on the fraction passed,
+    # but is judged here all-or-nothing, as code_mt always is
+    envs = {**make_envs(cfg), "code": make_env("code", all_or_nothing=True, allow_unsandboxed=cfg.allow_unsandboxed)}
+    envs = {name: (MemoJudge(env) if hasattr(env, "judge") else env) for name, env in envs.items()}
 
-    def run(greedy: bool, g: int) -> list[float]:
+    def run(greedy: bool, g: int) -> list[list]:
         c = replace(cfg, group_size=g, worker_groups=batch_groups, env_latency_s=0.0)
         ro = Rollout(model, tokenizer, c, greedy=greedy, envs=envs)
         try:
@@ -66,18 +72,30 @@ def evaluate(model, tokenizer, tasks, cfg: RLConfig, batch_groups: int = 16, sam
             ro.close()
         for t in (t for grp in groups for t in grp.trajectories if t.meta.get("sandboxed") is not None):
             judged[t.meta["sandboxed"]] += 1
-        return [float(np.mean([t.reward for t in grp.trajectories])) for grp in groups]
+        return [[(t.reward, t.meta.get("turns", 1)) for t in grp.trajectories] for grp in groups]
 
-    out = {"n": len(tasks), "samples": samples, "per_task": {}}
-    for key, rewards in [("acc", run(True, 1))] + ([("sampled", run(False, samples))] if samples > 0 else []):
+    out = {"n": len(tasks), "samples": samples, "per_task": {}, "by_turn": {}}
+    for key, episodes in [("acc", run(True, 1))] + ([("sampled", run(False, samples))] if samples > 0 else []):
+        rewards = [float(np.mean([r for r, _ in eps])) for eps in episodes]
         out[key] = float(np.mean(rewards)) if rewards else float("nan")
         out["per_task"][key] = rewards
+        out["by_turn"][key] = pass_by_turn(episodes, cfg.max_turns)
         for env in sorted({t.env for t in tasks}):
             out[f"{key}/{env}"] = float(np.mean([r for r, t in zip(rewards, tasks) if t.env == env]))
     out["judged_sandboxed"], out["judged_unsandboxed"] = judged[True], judged[False]
     memo = [e for e in envs.values() if isinstance(e, MemoJudge)]
     out["judge_runs"] = sum(e.calls - e.hits for e in memo)  # programs actually run (the rest were repeats)
     return out
+
+
+def pass_by_turn(episodes: list[list[tuple[float, int]]], max_turns: int) -> list[float]:
+    """Pass@1 within k attempts for k = 1..max_turns: per task the mean over its draws of the reward of an
+    episode that ended by attempt k (0 for one still going), then the mean over tasks. `episodes` holds per
+    task its draws' (reward, attempts used)."""
+    if not episodes:
+        return [float("nan")] * max_turns
+    return [float(np.mean([np.mean([r if turns <= k else 0.0 for r, turns in eps]) for eps in episodes]))
+            for k in range(1, max_turns + 1)]
 
 
 def normal_ci(x, z: float = 1.96) -> tuple[float, float, float]:
