@@ -11,6 +11,7 @@ dense attention.
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -54,12 +55,12 @@ def decode_step_costs(cfg: ModelConfig, N: int, reps: int) -> dict:
     return {"N": N, "dense_ms": d, "indexer_ms": i, "dsa_attention_ms": a, "dsa_ms": i + a, "ratio": (i + a) / d}
 
 
-def render(preset: str, cfg: ModelConfig, rows: list[dict], elapsed: float) -> str:
+def render(preset: str, cfg: ModelConfig, rows: list[dict], elapsed: float, load: str = "not recorded") -> str:
     lines = [f"## DSA decode cost by context length (`python -m bench.dsa_decode --preset {preset}`)", "",
              f"Machine: {machine()}. One decode step (one query) of one MLA layer of `{preset}` "
              f"({cfg.num_attention_heads} heads, kv_lora {cfg.kv_lora_rank}, indexer {cfg.index_n_heads} heads × "
              f"{cfg.index_head_dim}, index_topk {cfg.index_topk}) over N cached tokens, fp32, medians of repeats "
-             f"after a warm-up; total {elapsed:.0f} s.", "",
+             f"after a warm-up; total {elapsed:.0f} s. Load: {load}.", "",
              "| cached tokens N | dense attention | DSA: indexer scan + top-k | DSA: attention over top-k | "
              "DSA total | DSA / dense |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -82,9 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the table; leave docs/benchmarks.md alone")
     a = ap.parse_args(argv)
     cfg = ModelConfig.preset(a.preset)
-    t0 = time.time()
+    t0, cpu0, load0 = time.time(), time.process_time(), os.getloadavg()[0]
     rows = [decode_step_costs(cfg, n, a.reps) for n in a.contexts]
-    md = render(a.preset, cfg, rows, time.time() - t0)
+    elapsed = time.time() - t0
+    # a loaded host preempts the timed steps: the CPU share says how far the medians can be trusted
+    load = (f"1-min load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+            f"{os.cpu_count()} cores; this process ran on a CPU {100 * (time.process_time() - cpu0) / elapsed:.0f}% "
+            "of its wall time (a quiet machine: ~100% per thread)")
+    md = render(a.preset, cfg, rows, elapsed, load)
     print(md)
     if not a.no_write:
         write_section("dsa_decode", md)

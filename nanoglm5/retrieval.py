@@ -24,12 +24,10 @@ import numpy as np
 import torch
 
 from nanoglm5.checkpoint import CheckpointError, load_hf
+from nanoglm5.data.passkey import EVAL_DEPTHS, draw_key, passkey_document
 from nanoglm5.data.shards import load_tokens
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.model import GLM5
-
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = " What is the pass key? The pass key is"
 
 
 @dataclass
@@ -46,41 +44,16 @@ class Example:
 def make_examples(tok: Tokenizer, filler: np.ndarray, lengths: list[int], depths: list[float], n: int,
                   seed: int = 0) -> list[Example]:
     """n examples per (length, depth): the needle at `depth` of `length` tokens of filler taken from a random
-    offset of `filler` (a held-out token stream)."""
+    offset of `filler` (a held-out token stream), the key from the evaluation's half (data/passkey.py)."""
     rng = np.random.default_rng(seed)
     out = []
     for length in lengths:
         for depth in depths:
             for _ in range(n):
-                key = str(int(rng.integers(10_000, 100_000)))
-                pre_needle = tok.encode(NEEDLE.split("{key}")[0])
-                needle = tok.encode(NEEDLE.format(key=key))
-                tail, answer = tok.encode(QUESTION), tok.encode(" " + key)
-                room = length - len(needle) - len(tail) - len(answer)
-                if room < 8 or len(filler) < room + 1:
-                    raise ValueError(f"length {length}: too short for the needle and question, or the filler has "
-                                     f"only {len(filler)} tokens; use a longer --lengths value or more data")
-                start = int(rng.integers(0, len(filler) - room))
-                hay = [int(t) for t in filler[start : start + room]]
-                cut = int(round(depth * room))
-                ids = hay[:cut] + needle + hay[cut:] + tail + answer
-                # the key's tokens inside the needle (BPE may merge them with the space before): the first
-                # occurrence of either encoding; if neither is found intact, the whole needle counts
-                key_pos = list(range(cut, cut + len(needle)))
-                for key_ids in (tok.encode(" " + key), tok.encode(key)):
-                    at = _find(needle, key_ids, len(pre_needle) - 1)
-                    if at >= 0:
-                        key_pos = [cut + at + i for i in range(len(key_ids))]
-                        break
-                out.append(Example(ids, len(ids) - len(answer), len(answer), key_pos, length, depth, key))
+                key = draw_key(rng, "eval")
+                d = passkey_document(tok, filler, length, depth, key, rng)
+                out.append(Example(d.ids, d.answer_at, d.n_answer, d.key_pos, length, depth, key))
     return out
-
-
-def _find(seq: list[int], sub: list[int], start: int) -> int:
-    for i in range(max(start, 0), len(seq) - len(sub) + 1):
-        if seq[i : i + len(sub)] == sub:
-            return i
-    return -1
 
 
 class _SelectRecorder:
@@ -150,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory train.py wrote")
     p.add_argument("--data-dir", default="data", help="output of `python data/prepare.py` (its val shard is the filler)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--depths", type=float, nargs="+", default=list(EVAL_DEPTHS))
     p.add_argument("--n", type=int, default=8, help="examples per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -314,3 +314,26 @@ def test_chunked_sparse_path_equals_one_block_forward_and_backward():
     assert ga.keys() == gb.keys()
     for n in ga:
         assert (ga[n] - gb[n]).abs().max().item() < 1e-5, n
+
+
+@pytest.mark.slow
+def test_sparse_decode_equals_recompute_at_long_context():
+    """At ~2K tokens DSA runs its long-context paths: the recompute gathers the top-k latents (impl auto, S > 1024
+    keys) in query chunks, the engine decodes from the compressed cache; greedy tokens agree."""
+    from nanoglm5.engine import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    m = GLM5(ModelConfig.preset("tiny", vocab_size=256, index_topk=16, index_n_heads=16,
+                                max_position_embeddings=2112)).eval()
+    with torch.no_grad():  # peaked logits, so argmax is far from float-rounding ties (as tests/test_engine.py)
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(5)
+    prompt = torch.randint(0, 256, (2040,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert 2040 > m.layers[0].self_attn.gather_min_keys and 2040 > m.layers[0].self_attn.query_chunk
+    out = Engine(m, max_batch=1).generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(m(torch.tensor([ids]), tie_break="stable").logits[0, -1].argmax()))
+    assert out == ids[len(prompt):]

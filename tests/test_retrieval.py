@@ -9,7 +9,7 @@ import torch
 from nanoglm5.config import ModelConfig
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.model import GLM5
-from nanoglm5.retrieval import evaluate, make_examples, main, score
+from nanoglm5.retrieval import evaluate, main, make_examples, score
 
 TEXTS = ["the cat sat on the mat and looked at the door", "a pass key is a number: 0 1 2 3 4 5 6 7 8 9",
          "what is the pass key? remember it."] * 30
@@ -63,3 +63,45 @@ def test_indexer_recall_reads_the_real_selection_and_dense_sees_everything(tok, 
 def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_training_documents_share_no_key_filler_span_or_depth_with_the_evaluation(tok, filler):
+    from nanoglm5.data.passkey import DEPTH_MARGIN, EVAL_DEPTHS, draw_key, draw_train_depth, key_split
+    from nanoglm5.training.batches import PasskeyMix, TokenBatches
+
+    rng = np.random.default_rng(0)
+    train_keys = {draw_key(rng, "train") for _ in range(300)}
+    eval_keys = {e.key for e in make_examples(tok, filler, lengths=[300], depths=list(EVAL_DEPTHS), n=20, seed=1)}
+    assert not train_keys & eval_keys and {key_split(int(k)) for k in eval_keys} == {"eval"}
+    assert {k[-1] for k in train_keys} == {k[-1] for k in eval_keys} == set("0123456789")  # every digit in both
+    depths = [draw_train_depth(rng) for _ in range(500)]
+    assert min(abs(d - e) for d in depths for e in EVAL_DEPTHS) >= DEPTH_MARGIN
+    mix = PasskeyMix(TokenBatches(filler, 255, seed=3), tok, frac=0.5)
+    x, y = mix.batch(step=7, batch_size=4, lo=0, hi=4)
+    assert x.shape == (4, 255) and torch.equal(x[:, 1:], y[:, :-1])
+    docs = [tok.decode(r.tolist()) for r in x[2:]]  # the passkey documents are the last rows
+    keys = [d.split("The pass key is ")[1][:5] for d in docs]
+    assert all(key_split(int(k)) == "train" and "What is the pass key?" in d for k, d in zip(keys, docs))
+    # a pure function of (seed, step), cut into micro-batches without changing the rows
+    x2 = torch.cat([mix.batch(7, 4, lo, lo + 1)[0] for lo in range(4)])
+    assert torch.equal(x, x2) and not torch.equal(x, mix.batch(8, 4, 0, 4)[0])
+
+
+def test_no_shortcut_solves_the_evaluation(tok, filler):
+    """Frequency, position, and a copy of the key elsewhere in the context: each shortcut fails."""
+    from nanoglm5.data.passkey import EVAL_DEPTHS
+
+    exs = make_examples(tok, filler, lengths=[300, 500], depths=list(EVAL_DEPTHS), n=8, seed=2)
+    answers = [tuple(e.ids[e.answer_at:]) for e in exs]
+    # frequency: the most common answer (even the evaluation's own, which training never sees) is nearly unique
+    top = max(set(answers), key=answers.count)
+    assert answers.count(top) / len(exs) <= 0.05
+    # position: copying the tokens where the first example's key sat, same length, retrieves almost nothing
+    for length in (300, 500):
+        cell = [e for e in exs if e.length == length]
+        at = cell[0].key_pos[0]
+        hit = [tuple(e.ids[at : at + e.n_answer]) == tuple(e.ids[e.answer_at:]) for e in cell]
+        assert np.mean(hit) <= 0.2
+    # the key is in the context only in the needle (twice: "... is K. Remember it. K is ..."), never in the filler
+    for e in exs:
+        assert tok.decode(e.ids[: e.answer_at]).count(e.key) == 2

@@ -592,7 +592,9 @@ def test_pretrain_then_sft_cli(text_data_dir, tmp_path):
     assert no_init.returncode == 1 and "--checkpoint" in no_init.stderr
 
 
-def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exactly(data_dir, tmp_path):
+def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exactly(text_data_dir, tmp_path):
+    """With its default share of passkey documents (a tokenizer in the data dir), so resume covers the mix."""
+    data_dir = text_data_dir
     from transformers import AutoConfig
 
     from nanoglm5.checkpoint import read_config
@@ -608,6 +610,7 @@ def test_long_context_stage_raises_rope_base_extends_positions_and_resumes_exact
         sample_tokens=0, log_every=1), **kw})
     full = Trainer(lc(tmp_path / "full"), quiet=True)
     assert [full.stage_at(s) for s in range(4)] == ["sparse"] * 4  # DSA on from the first step, fixed top-k
+    assert full.cfg.passkey_mix == 0.5 and full.data.split(2) == (1, 1)  # one corpus window, one passkey document
     full.run()
     base, ext = read_config(pre), read_config(tmp_path / "full" / "ckpt")
     assert ext.rope_theta == base.rope_theta * LONG_CONTEXT_ROPE_FACTOR and ext.max_position_embeddings == 192

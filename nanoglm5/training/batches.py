@@ -5,7 +5,9 @@ uninterrupted run would have seen, on any number of ranks.
   `ChatBatches`   SFT: rendered conversations (`chat_example`), epoch-wise permutations, loss on
                   assistant tokens only;
   `MixedBatches`  SFT with pretraining text mixed in: a fixed share of each step's sequences are windows
-                  of the token shards (loss on every token), the rest conversations.
+                  of the token shards (loss on every token), the rest conversations;
+  `PasskeyMix`    long-context mid-training: windows of the token shards with a share of synthetic passkey
+                  documents (data/passkey.py), loss on every token of both.
 """
 
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoglm5.data.passkey import draw_key, draw_train_depth, passkey_document
 from nanoglm5.data.shards import load_tokens
 from nanoglm5.training.train_config import TrainError
 
@@ -157,3 +160,52 @@ class MixedBatches:
 
     def eval_batches(self, n_seqs: int, batch_size: int):
         return self.chat.eval_batches(n_seqs, batch_size)
+
+
+class PasskeyMix:
+    """Long-context batches: of a step's batch_size sequences, n_key = round(frac · batch_size) are synthetic
+    passkey documents of exactly seq_len + 1 tokens (train-shard filler, a "train" key at a training depth:
+    data/passkey.py keeps keys, filler and depths apart from the evaluation's), the rest windows of the token
+    shards (`TokenBatches.starts(step, n_text)`), all packed as they come, without document masks, loss on every
+    token. Long-context mid-training mixes long documents with synthetic long-range tasks so that the model
+    learns to use the far context at all (a corpus window rarely needs more than a few hundred tokens back).
+    Documents of step s come from np.random.default_rng([seed, s, 1]): a pure function of (seed, step).
+    The passkey documents are the batch's last rows. Validation: the text windows."""
+
+    def __init__(self, text: TokenBatches, tok, frac: float):
+        if not 0.0 <= frac <= 1.0:
+            raise TrainError(f"--passkey-mix {frac}: must be in [0, 1]")
+        if tok is None:
+            raise TrainError(f"--passkey-mix {frac} writes passkey documents, which needs a tokenizer.json in "
+                             "--checkpoint or --data-dir; add one or pass --passkey-mix 0")
+        self.text, self.tok, self.frac = text, tok, frac
+        self.seq_len, self.seed = text.seq_len, text.seed
+
+    def split(self, batch_size: int) -> tuple[int, int]:
+        """(text windows, passkey documents) in a batch of batch_size."""
+        n_key = int(round(self.frac * batch_size))
+        return batch_size - n_key, n_key
+
+    def documents(self, step: int, n: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, step, 1])
+        docs = []
+        for _ in range(n):
+            key = draw_key(rng, "train")
+            d = passkey_document(self.tok, self.text.tokens, self.seq_len + 1, draw_train_depth(rng), key, rng)
+            docs.append(np.asarray(d.ids, dtype=np.int64))
+        return docs
+
+    def batch(self, step: int, batch_size: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_text, n_key = self.split(batch_size)
+        rows = [np.asarray(self.text.tokens[s : s + self.seq_len + 1], dtype=np.int64)
+                for s in self.text.starts(step, n_text)[lo:hi]]
+        if hi > n_text:
+            rows += self.documents(step, n_key)[max(lo - n_text, 0) : hi - n_text]
+        w = torch.from_numpy(np.stack(rows))
+        return w[:, :-1], w[:, 1:]
+
+    def n_targets(self, step: int, batch_size: int) -> int:
+        return batch_size * self.seq_len
+
+    def eval_batches(self, n_seqs: int, batch_size: int):
+        return self.text.eval_batches(n_seqs, batch_size)

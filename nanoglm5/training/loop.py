@@ -57,7 +57,14 @@ from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.int4 import prepare_qat
 from nanoglm5.model import GLM5
-from nanoglm5.training.batches import ChatBatches, MixedBatches, TokenBatches, chat_example, load_shards
+from nanoglm5.training.batches import (
+    ChatBatches,
+    MixedBatches,
+    PasskeyMix,
+    TokenBatches,
+    chat_example,
+    load_shards,
+)
 from nanoglm5.training.dist import setup_distributed
 from nanoglm5.training.metrics import (
     bytes_per_token,
@@ -81,8 +88,13 @@ from nanoglm5.training.state import (
     set_rng_state,
     trainer_state,
 )
-from nanoglm5.training.train_config import (LONG_CONTEXT_ROPE_FACTOR, QAT_FIELDS, RESUME_NEUTRAL, TrainConfig,
-                                           TrainError)
+from nanoglm5.training.train_config import (
+    LONG_CONTEXT_ROPE_FACTOR,
+    QAT_FIELDS,
+    RESUME_NEUTRAL,
+    TrainConfig,
+    TrainError,
+)
 
 
 class Trainer:
@@ -133,6 +145,8 @@ class Trainer:
             raise TrainError(f"--decay {c.decay!r}: choose cosine, linear or constant")
         if c.stage in ("sft", "long_context") and not (c.checkpoint or c.resume):
             raise TrainError(f"--stage {c.stage} starts from a pretrained model: pass --checkpoint out/pretrain/ckpt")
+        if c.passkey_mix and c.stage != "long_context":
+            raise TrainError(f"--passkey-mix {c.passkey_mix} applies to --stage long_context only; drop it")
         if c.qat not in ("", "int4"):
             raise TrainError(f"--qat {c.qat!r}: the only scheme is int4")
         if c.fsdp and not self.dist.enabled:
@@ -183,6 +197,10 @@ class Trainer:
         if c.stage in ("pretrain", "long_context"):
             train, val = load_shards(c.data_dir, "train"), load_shards(c.data_dir, "val")
             self.data, self.val = TokenBatches(train, c.seq_len, c.seed), TokenBatches(val, c.seq_len, c.seed)
+            if c.passkey_mix > 0:  # long_context: synthetic passkey documents among the windows (batches.py)
+                self.data = PasskeyMix(self.data, self.tokenizer, c.passkey_mix)
+                self.log(f"[train] long context: {self.data.split(c.batch_size)[1]} of each batch's {c.batch_size} "
+                         "sequences are synthetic passkey documents, the rest corpus windows (packed, no doc masks)")
             meta = json.loads((Path(c.data_dir) / "tokens" / "meta.json").read_text())
             self.data_vocab = int(meta.get("vocab_size") or int(np.max(train)) + 1)
             self.unigram = unigram_entropy(train, self.data_vocab)

@@ -80,6 +80,11 @@ class TrainConfig:
     sft_pretrain_mix: float = f(0.03125, "fraction of each SFT batch that is pretraining windows of --data-dir's "
                                          "token shards (loss on all their tokens), so SFT keeps what pretraining "
                                          "learned; 1/32 = one window of 32 sequences (0 = chat only)")
+    # long context
+    passkey_mix: float | None = f(None, "long_context: fraction of each batch that is synthetic passkey documents "
+                                        "(train-shard filler, a key hidden at a random depth and asked for at the end; "
+                                        "nanoglm5/data/passkey.py), the rest corpus windows; default 0.5 there, 0 "
+                                        "elsewhere")
     # quantization-aware training (GLM-5 §2.4.3)
     qat: str = f("", "'int4': fake-quantize weights during training (straight-through estimator)")
     qat_layers: str = f("experts", "which weights QAT covers (see nanoglm5.int4.prepare_qat)")
@@ -111,10 +116,12 @@ STAGE_DEFAULTS = {
     # arXiv 2508.06471 §2.4): the pretrained model continues on longer windows of the same corpus with a raised
     # RoPE base, at a lower lr; DSA stays on, so attention per query stays at index_topk keys
     "long_context": dict(out_dir="out/long_context", seq_len=2048, max_steps=100, batch_size=2, micro_batch_size=2,
-                         dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=10, eval_every=50, save_every=20),
+                         dense_steps=0, dsa_warmup_steps=0, lr=1e-3, warmup_steps=10, eval_every=50, save_every=20,
+                         passkey_mix=0.5),
 }
 for _d in STAGE_DEFAULTS.values():
     _d.setdefault("seq_len", 256)
+    _d.setdefault("passkey_mix", 0.0)
 
 # GLM-4.5 raised the RoPE base from 10,000 to 1,000,000 (100×) when it extended the context to 32K
 # (arXiv 2508.06471 §2.4); the long_context stage raises the pretrained model's base by the same factor unless
