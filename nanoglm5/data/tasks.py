@@ -278,13 +278,18 @@ def code_tasks(n: int, seed: int, split: str = "train", two_constant_weight: flo
     r, tasks = random.Random(f"rl-code:{seed}"), []
     while len(tasks) < n:
         spec, sig, body, args = _code_template(r, two_constant_weight)
-        # the expected outputs come from our own reference body: trusted code, evaluated here
-        tests = [[list(a), repr(eval(f"lambda {sig[2:-1]}: {body}")(*a))] for a in args]
         if task_split(f"{spec}|{sig}") != split:
             continue
-        tasks.append(Task(f"code/{split}/{seed}/{len(tasks)}", "code", _prompt(CODE_SYSTEM, f"Write {sig} that {spec}."),
-                          f"def {sig}: return {body}", {"signature": sig, "tests": tests}))
+        tasks.append(_code_task(f"code/{split}/{seed}/{len(tasks)}", spec, sig, body, args))
     return tasks
+
+
+def _code_task(task_id: str, spec: str, sig: str, body: str, args: list[tuple], **meta) -> Task:
+    """A "code" Task: the prompt, the reference answer, and the hidden tests [[args, expected repr]], whose expected
+    outputs come from our own reference body (trusted code, evaluated here)."""
+    tests = [[list(a), repr(eval(f"lambda {sig[2:-1]}: {body}")(*a))] for a in args]
+    return Task(task_id, "code", _prompt(CODE_SYSTEM, f"Write {sig} that {spec}."), f"def {sig}: return {body}",
+                {"signature": sig, "tests": tests, **meta})
 
 
 # Feedback tasks: the constant is in no prompt, only in the tests' feedback (code_mt, docs/rl_tasks.md).
@@ -334,9 +339,7 @@ def feedback_tasks(n: int, seed: int, split: str = "train") -> list[Task]:
         spec, sig, body, args, k = _hidden_template(r)
         if hidden_split(spec, k) != split:
             continue
-        tests = [[list(a), repr(eval(f"lambda {sig[2:-1]}: {body}")(*a))] for a in args]  # our own reference
-        tasks.append(Task(f"code_fb/{split}/{seed}/{len(tasks)}", "code", _prompt(CODE_SYSTEM, f"Write {sig} that {spec}."),
-                          f"def {sig}: return {body}", {"signature": sig, "tests": tests, "hidden": k}))
+        tasks.append(_code_task(f"code_fb/{split}/{seed}/{len(tasks)}", spec, sig, body, args, hidden=k))
     return tasks
 
 
