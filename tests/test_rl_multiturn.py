@@ -14,6 +14,7 @@ from bench.toy import toy_checkpoint
 from nanoglm5.checkpoint import load_hf
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.rl import envs as envs_mod
+from nanoglm5.rl import forkserver
 from nanoglm5.rl.async_rules import filter_crashed, generated_tokens, is_stale, tau_drop, wasted_tokens
 from nanoglm5.rl.buffer import Group, Lease, ReplayBuffer, Trajectory
 from nanoglm5.rl.envs import EnvCrash, MultiTurnCodeEnv, make_env
@@ -122,9 +123,11 @@ def test_env_crash_is_not_a_wrong_answer(monkeypatch):
 
 
 @needs_bwrap
-def test_judge_timeout_before_the_program_starts_is_an_env_crash():
-    """A timeout shorter than the sandbox's start-up (what a machine at load 16 does to a 2 s timeout): the
-    candidate never ran, so this is the environment's failure, even for a correct program."""
+def test_judge_timeout_before_the_program_starts_is_an_env_crash(monkeypatch):
+    """A timeout shorter than the sandbox's start-up (what a machine at load 16 does to a 2 s timeout on a
+    cold start: no warm server, so a fresh bubblewrap + interpreter): the candidate never ran, so this is the
+    environment's failure, even for a correct program."""
+    monkeypatch.setattr(forkserver, "run", lambda *a: None)  # what a warm server that could not start gives
     env = MultiTurnCodeEnv(timeout_s=0.002)
     t = _task(env)
     with pytest.raises(EnvCrash, match="never ran the program"):

@@ -30,7 +30,9 @@ from nanoglm5.rl import sandbox
 from nanoglm5.rl.judge import RESULTS_MARK, run_calls
 from nanoglm5.rl.sandbox import SandboxUnavailable, run_code
 
-MODES = [pytest.param(False, id="fallback"), pytest.param(True, id="bwrap")]
+# bwrap: a warm sandbox (forkserver.py, the default); cold: a fresh bubblewrap + interpreter per run (what a
+# warm server that died falls back to); fallback: no bubblewrap
+MODES = [pytest.param(False, id="fallback"), pytest.param(True, id="bwrap"), pytest.param("cold", id="bwrap-cold")]
 LAUNCHER_MARK = "cfg = json.loads(sys.argv[1])"  # appears in every sandboxed process's cmdline
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -59,7 +61,7 @@ def _fallback_python_or_skip() -> str:
     return python
 
 
-def _mode(bw: bool) -> dict:
+def _mode(bw: bool | str) -> dict:
     """run_code keyword arguments for a mode; skips (fails in CI) where bubblewrap cannot run."""
     if bw:
         problem = sandbox.bwrap_problem()
@@ -68,7 +70,7 @@ def _mode(bw: bool) -> dict:
             if IN_CI:
                 pytest.fail("CI requires bubblewrap: " + msg)
             pytest.skip(msg)
-        return {"use_bwrap": True}
+        return {"use_bwrap": True, "fork_server": bw != "cold"}
     return {"use_bwrap": False, "allow_unsandboxed": True, "python": _fallback_python_or_skip()}
 
 
@@ -122,7 +124,7 @@ def _run(src, bw, **kw):
     t0 = time.monotonic()
     r = run_code(src, **_mode(bw), **kw)
     assert time.monotonic() - t0 < kw["timeout_s"] + 3.0, "the sandbox did not return in time"
-    assert r.sandboxed is bw
+    assert r.sandboxed is bool(bw)
     assert not _leftovers(), "a sandboxed process survived the run"
     return r
 
