@@ -89,22 +89,38 @@ def score(model: GLM5, ex: Example, sparse: bool) -> dict:
     with _SelectRecorder(model) as rec:
         logits = model(ids[:, :-1], sparse=sparse).logits[0]
     q = list(range(ex.answer_at - 1, ex.answer_at - 1 + ex.n_answer))  # the queries that predict the answer
-    ok = bool((logits[q].argmax(-1) == ids[0, ex.answer_at : ex.answer_at + ex.n_answer]).all())
+    right = logits[q].argmax(-1) == ids[0, ex.answer_at : ex.answer_at + ex.n_answer]
     hits = [bool(torch.isin(torch.tensor(ex.key_pos), t[0, i]).any()) for t in rec.picked for i in q]
-    return {"retrieved": ok, "recall": float(np.mean(hits)) if hits else float("nan")}
+    return {"retrieved": bool(right.all()), "answer_tokens": float(right.float().mean()),
+            "recall": float(np.mean(hits)) if hits else float("nan")}
+
+
+@torch.no_grad()
+def selections(model: GLM5, ids: list[int]) -> list[torch.Tensor]:
+    """The key positions each DSA layer's indexer selects for every query of one sequence (sparse forward):
+    one (T, index_topk) tensor per layer that selected (none when T <= index_topk: every key is seen)."""
+    model.eval()
+    with _SelectRecorder(model) as rec:
+        model(torch.tensor([ids]), sparse=True)
+    return [t[0] for t in rec.picked]
 
 
 def evaluate(model: GLM5, examples: list[Example]) -> dict:
-    """Retrieval accuracy by (length, depth), DSA sparse and dense, and the indexer's recall."""
+    """Retrieval accuracy by (length, depth), DSA sparse and dense, the share of answer tokens right (a graded
+    view of the same: 0.2 = one digit of five), and the indexer's recall."""
     model.eval()
     rows = {}
     for ex in examples:
         key = (ex.length, ex.depth)
-        r = rows.setdefault(key, {"length": ex.length, "depth": ex.depth, "sparse": [], "dense": [], "recall": []})
+        r = rows.setdefault(key, {"length": ex.length, "depth": ex.depth, "sparse": [], "dense": [], "recall": [],
+                                  "sparse_tok": [], "dense_tok": []})
         s, d = score(model, ex, sparse=True), score(model, ex, sparse=False)
         r["sparse"].append(s["retrieved"]), r["dense"].append(d["retrieved"]), r["recall"].append(s["recall"])
+        r["sparse_tok"].append(s["answer_tokens"]), r["dense_tok"].append(d["answer_tokens"])
     return {"cells": [{"length": r["length"], "depth": r["depth"], "n": len(r["sparse"]),
                        "sparse": float(np.mean(r["sparse"])), "dense": float(np.mean(r["dense"])),
+                       "sparse_answer_tokens": float(np.mean(r["sparse_tok"])),
+                       "dense_answer_tokens": float(np.mean(r["dense_tok"])),
                        "indexer_recall": float(np.nanmean(r["recall"])) if not np.isnan(r["recall"]).all() else None}
                       for r in rows.values()]}
 

@@ -6,12 +6,16 @@ Holds, for a ModelConfig (GLM-5 arXiv 2602.15763 §2; MLA's cache, DeepSeek-V2 �
   - `active_params`, `matmul_params`: what one token touches (top-k + shared experts);
   - `attention_flops`, `train_flops_per_token(cfg, N)`: 6 · active matmul params + attention;
   - `dsa_cost(cfg, N)`: DSA (top-k main attention + O(N) indexer) against dense attention at context N;
+    `decode_flops_per_token(cfg, N)`: one decode step of the whole model;
   - `weight_bytes` (fp32 / bf16 / int4 with group scales), `adam_bytes`, `kv_cache_bytes`;
   - `plan(cfg, Layout)`: "the 744B run on paper": memory per GPU under a TP/EP/PP/DP layout (an estimate);
   - `report(cfg, context) -> dict` with all of the above, and the CLI:
         python -m nanoglm5.scale glm5_744b --context 131072 [--tp 8 --pp 8 --ep 64 --dp 8 ...]
   - `readme_presets()`: README's table of preset sizes, counted from config.py (written by
-        python -m nanoglm5.scale --write-readme README.md).
+        python -m nanoglm5.scale --write-readme README.md);
+  - `dsa_saving(cfg, N)`: dense / DSA for every cost one might call "attention compute and memory" (FLOPs of
+        prefill, training and decode, attention alone and the whole step, KV bytes read and stored), and
+        `docs_dsa_saving()`, docs/scaling.md's table of them (python -m nanoglm5.scale --write-docs docs/scaling.md).
 
 FLOP conventions (stated once, used everywhere): a multiply-add is 2 FLOPs; training = forward + backward
 = 3 × forward, so a matmul weight costs 6 FLOPs per token; embedding lookups, norms and softmax are not
@@ -140,6 +144,40 @@ def dsa_cost(cfg: ModelConfig, context: int) -> dict:
                 train_ratio=train_flops_per_token(cfg, N, True)["attention"] / train_flops_per_token(cfg, N, False)["attention"],
                 kv_read_values_dense=read_dense, kv_read_values_dsa=read_dsa, kv_read_ratio=read_dsa / read_dense,
                 kv_stored_ratio=(latent + cfg.index_head_dim) / latent)
+
+
+def decode_flops_per_token(cfg: ModelConfig, context: int, sparse: bool = True) -> dict:
+    """Forward FLOPs of one decode step at position N, whole model: 2·matmul params + every layer's attention
+    (dense: absorbed MLA over all N latents; DSA: top-k absorbed attention + the indexer over all N keys)."""
+    d = dsa_cost(cfg, context)
+    attn = cfg.num_hidden_layers * (d["dsa"] if sparse else d["dense_absorbed"])
+    matmul = 2 * matmul_params(cfg)
+    return dict(matmul=matmul, attention=attn, total=matmul + attn)
+
+
+def dsa_saving(cfg: ModelConfig, context: int) -> dict:
+    """Dense / DSA at context N (a saving factor: 2.0 = half the cost), for each thing one might mean by "attention
+    compute and memory": attention FLOPs of the token at N (prefill) and averaged over a causal training sequence,
+    whole training FLOPs per token, attention and whole-model FLOPs of a decode step, KV-cache values a decode step
+    reads, and (below 1: DSA costs more) the KV cache stored."""
+    d = dsa_cost(cfg, context)
+    train = [train_flops_per_token(cfg, context, s)["total"] for s in (False, True)]
+    dec = [decode_flops_per_token(cfg, context, s)["total"] for s in (False, True)]
+    return dict(context=context, attention_prefill=1 / d["ratio_prefill"], attention_train_sequence=1 / d["train_ratio"],
+                train_step=train[0] / train[1], attention_decode=1 / d["ratio_decode"], decode_step=dec[0] / dec[1],
+                kv_read_decode=1 / d["kv_read_ratio"], kv_stored=1 / d["kv_stored_ratio"])
+
+
+def context_for_saving(cfg: ModelConfig, target: float, key: str = "train_step", hi: int = 1 << 24) -> int:
+    """The shortest context N at which dsa_saving(cfg, N)[key] reaches `target` (bisection; the savings grow with N
+    beyond index_topk)."""
+    lo = cfg.index_topk
+    if dsa_saving(cfg, hi)[key] < target:
+        raise ValueError(f"{key} never reaches {target}x below {hi:,} tokens")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if dsa_saving(cfg, mid)[key] < target else (lo, mid)
+    return hi
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -316,14 +354,46 @@ def readme_presets() -> str:
     return "\n".join([PRESETS_BEGIN, *rows, PRESETS_END])
 
 
+def _replace_block(path, begin: str, end: str, body: str, what: str) -> None:
+    """Replace the text from `begin` to `end` in the file at `path` with `body` (which carries both markers)."""
+    path = Path(path)
+    text = path.read_text()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{path} has no {what} block ({begin!r} … {end!r}) to replace; add one")
+    path.write_text(text[:i] + body + text[j + len(end):])
+
+
 def write_readme_presets(readme) -> None:
     """Replace README's preset block (PRESETS_BEGIN … PRESETS_END) with readme_presets()."""
-    readme = Path(readme)
-    text = readme.read_text()
-    i, j = text.find(PRESETS_BEGIN), text.find(PRESETS_END)
-    if i < 0 or j < i:
-        raise SystemExit(f"{readme} has no preset block ({PRESETS_BEGIN!r} … {PRESETS_END!r}) to replace; add one")
-    readme.write_text(text[:i] + readme_presets() + text[j + len(PRESETS_END):])
+    _replace_block(readme, PRESETS_BEGIN, PRESETS_END, readme_presets(), "preset")
+
+
+# docs/scaling.md's DSA-saving table: written by `--write-docs`, checked equal by tests/test_scale.py
+SAVING_BEGIN = "<!-- dsa-saving: written by `python -m nanoglm5.scale --write-docs docs/scaling.md`; do not edit by hand -->"
+SAVING_END = "<!-- /dsa-saving -->"
+SAVING_CONTEXTS = (4096, 32768, 131072, 200000)
+SAVING_ROWS = (("attention_prefill", "attention FLOPs, the token at N (prefill)"),
+               ("attention_train_sequence", "attention FLOPs, mean over a causal training sequence of N"),
+               ("train_step", "whole training FLOPs per token (6·matmul + attention)"),
+               ("attention_decode", "attention FLOPs of a decode step (dense: absorbed MLA)"),
+               ("decode_step", "whole decode step FLOPs (2·matmul + attention)"),
+               ("kv_read_decode", "KV-cache values a decode step reads"),
+               ("kv_stored", "KV cache stored (below 1: DSA stores more)"))
+
+
+def docs_dsa_saving(name: str = "glm5_744b") -> str:
+    """docs/scaling.md's block: dense/DSA saving factors of `name` at SAVING_CONTEXTS (dsa_saving), and the contexts
+    where the whole-step savings reach the report's quoted 1.5× and 2×."""
+    cfg = ModelConfig.preset(name)
+    cols = [dsa_saving(cfg, n) for n in SAVING_CONTEXTS]
+    rows = [f"| dense / DSA, `{name}` (index_topk {cfg.index_topk}) | " + " | ".join(f"N = {n:,}" for n in SAVING_CONTEXTS) + " |",
+            "|---|" + "---:|" * len(SAVING_CONTEXTS)]
+    rows += [f"| {label} | " + " | ".join(f"{c[key]:.2f}×" for c in cols) + " |" for key, label in SAVING_ROWS]
+    reach = [f"{key.replace('_', ' ')} {t}× from N = {context_for_saving(cfg, t, key):,}"
+             for key in ("train_step", "decode_step") for t in (1.5, 2.0)]
+    return "\n".join([SAVING_BEGIN, *rows, "", "The whole-step savings reach the quoted range at: " + "; ".join(reach) + ".",
+                      SAVING_END])
 
 
 def format_report(name: str, r: dict, lay: Layout | None = None) -> str:
@@ -380,6 +450,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Count and cost a nanoGLM5 preset (total/active params, FLOPs, memory, KV cache, DSA).")
     ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
     ap.add_argument("--write-readme", metavar="README", help="rewrite README's preset table from config.py and exit")
+    ap.add_argument("--write-docs", metavar="SCALING_MD", help="rewrite docs/scaling.md's DSA-saving table and exit")
     ap.add_argument("--context", type=int, default=4096, help="context length N in tokens")
     ap.add_argument("--int4-group-size", type=int, default=128)
     ap.add_argument("--meta", action="store_true", help="also build on the meta device and check numel == analytic")
@@ -393,6 +464,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.write_readme:
         return write_readme_presets(args.write_readme)
+    if args.write_docs:
+        return _replace_block(args.write_docs, SAVING_BEGIN, SAVING_END, docs_dsa_saving(), "dsa-saving")
     if args.preset is None:
         ap.error("name a preset (" + ", ".join(sorted(PRESETS)) + ") or pass --write-readme README.md")
     cfg = ModelConfig.preset(args.preset)

@@ -9,7 +9,7 @@ import torch
 from nanoglm5.config import ModelConfig
 from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.model import GLM5
-from nanoglm5.retrieval import evaluate, main, make_examples, score
+from nanoglm5.retrieval import evaluate, main, make_examples, score, selections
 
 TEXTS = ["the cat sat on the mat and looked at the door", "a pass key is a number: 0 1 2 3 4 5 6 7 8 9",
          "what is the pass key? remember it."] * 30
@@ -58,6 +58,23 @@ def test_indexer_recall_reads_the_real_selection_and_dense_sees_everything(tok, 
     assert cell["n"] == 2 and cell["sparse"] == cell["dense"] and cell["indexer_recall"] is None
     (narrow,) = evaluate(model, exs)["cells"]
     assert 0.0 <= narrow["indexer_recall"] <= 1.0
+    assert cell["sparse_answer_tokens"] == cell["dense_answer_tokens"] and 0.0 <= narrow["sparse_answer_tokens"] <= 1.0
+
+
+def test_selections_are_the_causal_top_k_the_recall_reads(tok, filler):
+    """selections() returns each sparse layer's (T, k) picks: k distinct keys per query, never in the future, and
+    exactly the picks score() checks the needle against."""
+    torch.manual_seed(0)
+    model = GLM5(ModelConfig.preset("tiny", vocab_size=len(tok), max_position_embeddings=512, index_topk=16)).eval()
+    (ex,) = make_examples(tok, filler, lengths=[200], depths=[0.5], n=1)
+    picked = selections(model, ex.ids[:-1])
+    assert len(picked) == model.config.num_hidden_layers and all(t.shape == (199, 16) for t in picked)
+    t = torch.arange(199)[:, None]
+    assert all(bool((p[16:] <= t[16:]).all()) for p in picked)  # from k on, every pick is causal
+    assert all(len(set(row.tolist())) == 16 for p in picked for row in p)
+    q = range(ex.answer_at - 1, ex.answer_at - 1 + ex.n_answer)
+    hits = [bool(set(ex.key_pos) & set(p[i].tolist())) for p in picked for i in q]
+    assert score(model, ex, sparse=True)["recall"] == pytest.approx(np.mean(hits))
 
 
 def test_cli_names_a_missing_checkpoint(tmp_path, capsys):

@@ -148,3 +148,27 @@ def test_readme_preset_table_is_the_one_config_py_gives(tmp_path):
     stale.write_text("# no block\n")
     with pytest.raises(SystemExit, match="no preset block"):
         scale.main(["--write-readme", str(stale)])
+
+
+def test_dsa_saving_is_dense_over_dsa_and_grows_with_context():
+    cfg = ModelConfig.preset("glm5_744b")
+    s, d = scale.dsa_saving(cfg, 200_000), scale.dsa_cost(cfg, 200_000)
+    assert s["attention_decode"] == pytest.approx(1 / d["ratio_decode"]) and s["kv_read_decode"] == pytest.approx(1 / d["kv_read_ratio"])
+    dec = scale.decode_flops_per_token(cfg, 200_000, sparse=False)
+    assert dec["total"] == 2 * scale.matmul_params(cfg) + cfg.num_hidden_layers * d["dense_absorbed"]
+    assert 1 < s["train_step"] < s["attention_train_sequence"] and 1 < s["decode_step"] < s["attention_decode"]  # matmuls dilute
+    assert s["kv_stored"] < 1  # the indexer key is stored beside the latent
+    n = scale.context_for_saving(cfg, 2.0)
+    assert scale.dsa_saving(cfg, n - 1)["train_step"] < 2.0 <= scale.dsa_saving(cfg, n)["train_step"]
+    with pytest.raises(ValueError, match="never reaches"):
+        scale.context_for_saving(cfg, 1e6)
+
+
+def test_docs_dsa_saving_table_is_the_one_the_code_gives(tmp_path):
+    text = (ROOT / "docs/scaling.md").read_text()
+    i, j = text.index(scale.SAVING_BEGIN), text.index(scale.SAVING_END) + len(scale.SAVING_END)
+    assert text[i:j] == scale.docs_dsa_saving(), "docs/scaling.md's table is stale: python -m nanoglm5.scale --write-docs docs/scaling.md"
+    stale = tmp_path / "scaling.md"
+    stale.write_text(f"intro\n{scale.SAVING_BEGIN}\nold\n{scale.SAVING_END}\nafter\n")
+    scale.main(["--write-docs", str(stale)])
+    assert stale.read_text() == f"intro\n{scale.docs_dsa_saving()}\nafter\n"
