@@ -137,7 +137,9 @@ def test_06_serve():
 @pytest.mark.slow
 def test_04_async_rl():
     """The buffer refuses the group that would break η, DDIS masks nothing on-policy and more the staler the
-    rollouts, the simulated async schedule beats sync, and both real Controller runs finish their steps within η."""
+    rollouts, the step by hand publishes version 1 and the worker then holds the learner's weights exactly, the
+    simulated async schedule beats sync, both real Controller runs finish their steps within η, and the code_mt
+    episode alternates trained attempts with untrained observations, its pass@1 per turn growing with the turns."""
     _, r = run_notebook("04_async_rl.ipynb", "USE_SFT = False\nSTEPS = 3")
     assert r["refused_stale_group"] and r["admitted_after_step"] == [4, 5], r
     assert set(r["buffer_staleness_hist"]) == {"0", "1"}, r  # η = 1: groups 2, 3 trained one version late
@@ -150,6 +152,16 @@ def test_04_async_rl():
     assert set(runs["sync"]["staleness_hist"]) == {"0"}, runs
     assert max(int(k) for k in runs["async"]["staleness_hist"]) <= r["eta"], runs
     assert all(0 <= m <= 1 for run in runs.values() for m in run["is_mask_frac"]), runs
+    hand = r["hand_step"]
+    assert hand["relay_versions"] == hand["worker_versions"] == [0, 1] and hand["moved"] > 0, hand
+    assert hand["worker_equals_learner"], hand  # the learner moved off version 0; the pull brought the worker along
+    assert hand["next_group_versions"] == [1] and hand["is_mask_frac"] == 0, hand  # one step by hand is on-policy
+    ep = r["episode"]  # runs of one loss-mask value: prompt (0), attempt (1), observation (0), revision (1), ...
+    assert ep["masks"][0] == 0 and 1 <= ep["masks"].count(1) == ep["masks"].count(0) == ep["turns"] <= r["max_turns"], ep
+    for when in ("before", "after"):
+        for key, curve in r["by_turn"][when].items():  # solved within k attempts: never fewer for a larger k
+            assert len(curve) == r["max_turns"] and all(0 <= a <= b <= 1 for a, b in zip(curve, curve[1:])), curve
+            assert curve[-1] == pytest.approx(r["pass_at_1"][when][key]), r  # no turn discount: k = max_turns is pass@1
 
 
 @pytest.mark.slow
