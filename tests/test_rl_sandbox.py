@@ -75,9 +75,12 @@ def _mode(bw: bool | str) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _own_tempdir():
+def _own_tempdir(tmp_path_factory):
     """Our runs' judge dirs live under a directory of our own, so `_leftovers` can tell our sandboxed
-    processes from those of other test sessions running on the same machine."""
+    processes from those of other test sessions running on the same machine. pytest's own temp root is
+    fixed first: it is chosen from `tempfile.gettempdir()` on first use, and must not land in `own`,
+    which is removed when this module ends."""
+    tmp_path_factory.getbasetemp()
     own = tempfile.mkdtemp(prefix="nanoglm5_sbxtest_")
     os.chmod(own, 0o755)  # the fallback's unprivileged uid must reach its working directory
     saved, tempfile.tempdir = tempfile.tempdir, own
