@@ -210,11 +210,12 @@ def _load_span(loads: dict) -> tuple[float, float]:
 
 def _machine_line(loads: dict, cores: int) -> str:
     """Whether the run had the machine to itself, as far as the 1-minute load average before its first stage
-    tells (after that the load is the stages' own)."""
+    tells (after that the load mixes the stages' own processes with anything else, which it cannot tell apart)."""
     start, peak = _load_span(loads)
     if start <= cores:
-        return (f"The machine was quiet when the run started (load average {start:.1f}); the load after that was "
-                f"the stages' own (up to {peak:.0f} while RL's workers and sandboxed programs ran).")
+        return (f"The machine was quiet when the run started (load average {start:.1f}); after that the load average "
+                f"reached {peak:.0f}, the stages' own processes (RL's workers and sandboxed programs) and whatever "
+                f"else ran beside them, which a load average cannot tell apart.")
     return (f"That run shared its {cores} cores with other jobs (load average {start:.0f} when it started, up to "
             f"{peak:.0f}), so its wall times are an upper bound.")
 
