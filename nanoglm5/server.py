@@ -19,6 +19,7 @@ no tools.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import queue
 import threading
@@ -180,10 +181,11 @@ class EngineWorker:
 
 
 # ---------------------------------------------------------------------------------------------- text assembly
-class TextState:
-    """Incremental detokenization of one choice: decodes all tokens so far (byte-level BPE can split a
-    character across tokens), cuts at the first stop string, and holds back a tail that could still grow
-    into a stop string or is an unfinished UTF-8 character, so streamed deltas never need retracting."""
+class FullTextState:
+    """Detokenization of one choice, the readable version: decodes all tokens so far (byte-level BPE can split a
+    character across tokens), cuts at the first stop string, and holds back a tail that could still grow into a
+    stop string or is an unfinished UTF-8 character, so streamed deltas never need retracting. Work per token
+    grows with the reply (quadratic in all); TextState emits the same deltas in constant work per token."""
 
     def __init__(self, tokenizer, stop: list[str], stop_ids: set[int]):
         self.tok, self.stop, self.stop_ids = tokenizer, stop, stop_ids
@@ -213,6 +215,56 @@ class TextState:
                         break
         delta = text[self.sent : max(safe, self.sent)]
         self.sent = max(safe, self.sent)
+        return delta
+
+
+class TextState:
+    """FullTextState's deltas in constant work per token (vLLM's incremental detokenization, done on bytes): each
+    token's bytes (tokenizer.token_bytes) go through an incremental UTF-8 decoder, where the bytes of an
+    unfinished character wait (FullTextState sees them as one trailing U+FFFD: so does this, virtually); the
+    stop strings are searched for only in the window where a new one can be, the last longest-stop - 1
+    characters and the new ones, and the held-back tail lies in that window too. The text is kept in pieces."""
+
+    def __init__(self, tokenizer, stop: list[str], stop_ids: set[int]):
+        self.bytes_of, self.stop, self.stop_ids = tokenizer.token_bytes, stop, stop_ids
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # maximal-subpart U+FFFD, as decode()
+        self.keep = max([len(s) - 1 for s in stop] + [1])  # window characters before the new ones
+        self.pieces: list[str] = []
+        self.n = self.sent = 0  # characters decoded / already emitted
+        self.tail, self.stopped = "", False  # tail: the text's last `keep` characters
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, token_id: int, final: bool) -> str:
+        """Add one token; return the new text that is safe to emit."""
+        if self.stopped:
+            return ""
+        piece = self.utf8.decode(b"" if token_id in self.stop_ids else self.bytes_of(token_id), final=final)
+        start = self.n - len(self.tail)  # where the window starts in the text
+        window = self.tail + piece
+        self.pieces.append(piece)
+        self.n += len(piece)
+        seen = window + ("\ufffd" if self.utf8.getstate()[0] else "")  # what FullTextState's decode would end with
+        cut = find_stop(seen, self.stop)
+        if cut >= 0:
+            cut = min(cut, len(window))
+            self.pieces, self.n = [self.text[:start + cut]], start + cut
+            window = seen = window[:cut]
+            self.stopped, final = True, True
+        safe = start + len(seen)
+        if not final:
+            if seen.endswith("\ufffd"):
+                safe -= 1
+            for s in self.stop:  # longest suffix of the text that is a prefix of a stop string
+                for k in range(min(len(s) - 1, len(seen)), 0, -1):
+                    if seen.endswith(s[:k]):
+                        safe = min(safe, start + len(seen) - k)
+                        break
+        hi = max(safe, self.sent)
+        delta = window[self.sent - start : hi - start]
+        self.sent, self.tail = hi, window[-self.keep:]
         return delta
 
 
