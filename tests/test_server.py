@@ -119,7 +119,7 @@ def assert_openai_error(r, status, param=..., code=...):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"]
-    assert err["type"] == {429: "requests", 500: "server_error"}.get(status, "invalid_request_error"), err
+    assert err["type"] == ("requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"), err
     assert err["param"] is None or isinstance(err["param"], str)
     assert err["code"] is None or isinstance(err["code"], str)  # OpenAI's codes are strings, never the status
     if param is not ...:
