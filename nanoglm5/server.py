@@ -344,15 +344,15 @@ def _echo(tok, prompt: list[int], comp, choice: dict, n_top, drop: bool) -> dict
     return out
 
 
-async def _events(request: Request, q: asyncio.Queue):
-    """Items of one HTTP request's queue (those already there without a wait); raises ConnectionError when the
-    client went away."""
+async def _events(request: Request, q: asyncio.Queue, poll: bool = True):
+    """Items of one HTTP request's queue; with `poll`, raises ConnectionError when the client went away (checked
+    each second without an item). A stream does not poll: Starlette watches its client and cancels it."""
     while True:
-        if not q.empty():
-            yield q.get_nowait()
+        if not poll or not q.empty():
+            yield await q.get()
             continue
         try:
-            yield await asyncio.wait_for(q.get(), timeout=1.0)
+            yield await asyncio.wait_for(q.get(), timeout=1.0)  # a task per call: only where it is needed
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise ConnectionError("client disconnected") from None
@@ -427,7 +427,7 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
                 yield "".join(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]) for i in range(len(params)))
             out = []  # chunks not yet written: one write for all that has arrived
-            async for idx, kind, *rest in _events(request, q):
+            async for idx, kind, *rest in _events(request, q, poll=False):
                 if kind == "error":
                     out.append(f"data: {to_json(rest[0].body())}\n\n")  # after the 200 header, errors are a chunk
                     break
