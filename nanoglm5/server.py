@@ -170,7 +170,9 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
     """source: a checkpoint directory (config.json, model.safetensors, tokenizer.json) or (model, tokenizer).
     engine_options: more Engine arguments (speculative="mtp", dtype=torch.bfloat16, graphs=...).
     engine_process: step the engine in a process of its own (engine_core.EngineProcess; app.state.engine is then
-    None) instead of a thread of this one (EngineWorker, the default: fast to start, the engine at hand)."""
+    None) instead of a thread of this one (EngineWorker, the default: fast to start, the engine at hand). The
+    process is started with `spawn`, which imports the calling script again: call this under
+    `if __name__ == "__main__":` in a script (serve.py does; a notebook needs nothing)."""
     tok, default_name = load_tokenizer(source)
     kwargs = dict(max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, max_seq_len=max_seq_len,
                   device=device, isolate_errors=True, **(engine_options or {}))  # a request never fails its neighbours
