@@ -7,15 +7,10 @@ import time
 
 import httpx
 import pytest
-import torch
-from conftest import CHAT_TEXTS, LiveServer
+from conftest import LiveServer, make_chat_ckpt
 from fastapi.testclient import TestClient
 from test_server import MSG, assert_openai_error
 
-from nanoglm5.checkpoint import save_hf
-from nanoglm5.config import ModelConfig
-from nanoglm5.data.tokenizer import Tokenizer
-from nanoglm5.model import GLM5
 from nanoglm5.server import create_app
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -24,12 +19,7 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """tiny_chat_ckpt's model with room for long replies (a disconnect must land while its request still runs)."""
-    tok = Tokenizer.train(CHAT_TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=2048, index_topk=16))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(model, path, tokenizer=tok)
-    return path
+    return make_chat_ckpt(tmp_path_factory, max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
