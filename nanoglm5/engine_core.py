@@ -326,7 +326,8 @@ class EngineProcess(Requests):
     def _died(self):
         if self.error is not None:
             return
-        self.loop.remove_reader(self.conn.fileno())
+        if self.loop is not None:
+            self.loop.remove_reader(self.conn.fileno())
         self.process.join(timeout=1)
         print(f"[server] the engine process is gone (exit code {self.process.exitcode}); answering 503 from now on")
         self.engine_status = {**self.engine_status, "running": 0, "waiting": 0}
