@@ -3,6 +3,10 @@
     python serve.py --checkpoint out/tiny/ckpt [--host 127.0.0.1 --port 8000 --max-batch 16]
     python serve.py --checkpoint out/speedrun/sft/ckpt --speculative mtp          # MTP speculative decoding
     python serve.py --checkpoint CKPT --device cuda --dtype bfloat16              # GPU (the default there)
+    python serve.py --checkpoint CKPT --no-engine-process     # the engine in a thread of the server's process
+
+By default the engine steps in a process of its own (nanoglm5/engine_core.py) and this one does HTTP,
+tokenization and streaming only; if that process dies, every request is answered 503 until a restart.
 
 then point any OpenAI client at it:
 
