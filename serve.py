@@ -3,6 +3,10 @@
     python serve.py --checkpoint out/tiny/ckpt [--host 127.0.0.1 --port 8000 --max-batch 16]
     python serve.py --checkpoint out/speedrun/sft/ckpt --speculative mtp          # MTP speculative decoding
     python serve.py --checkpoint CKPT --device cuda --dtype bfloat16              # GPU (the default there)
+    python serve.py --checkpoint CKPT --no-engine-process     # the engine in a thread of the server's process
+
+By default the engine steps in a process of its own (nanoglm5/engine_core.py) and this one does HTTP,
+tokenization and streaming only; if that process dies, every request is answered 503 until a restart.
 
 then point any OpenAI client at it:
 
@@ -47,6 +51,8 @@ class ServeConfig:
                                choices=("", "mtp"))
     num_draft: int = config_field(1, "with --speculative mtp: draft tokens per step (the MTP layer chained)")
     threads: int = config_field(0, "torch CPU threads; 0 = torch's default")
+    engine_process: bool = config_field(True, "step the engine in a process of its own (the HTTP process does HTTP, "
+                                              "tokenization and streaming only); off: in a thread of the server")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,10 +85,12 @@ def serve(cfg: ServeConfig) -> None:
     device, options = engine_options(cfg)
     app = create_app(cfg.checkpoint, max_batch=cfg.max_batch, max_tokens_in_flight=cfg.max_tokens_in_flight,
                      max_seq_len=cfg.max_seq_len or None, max_queue=cfg.max_queue, model_name=cfg.model_name or None,
-                     default_max_tokens=cfg.default_max_tokens, device=device, engine_options=options)
+                     default_max_tokens=cfg.default_max_tokens, device=device, engine_options=options,
+                     engine_process=cfg.engine_process)
+    info = app.state.worker.info
     print(f"[serve] model {app.state.model_name!r} on http://{cfg.host}:{cfg.port}/v1 "
-          f"(device {device}, {app.state.engine.cache.kv.dtype}, max_batch={cfg.max_batch}, "
-          f"max_seq_len={app.state.engine.max_seq_len}, speculative={options['speculative']})")
+          f"(device {device}, {info['dtype']}, max_batch={cfg.max_batch}, max_seq_len={info['max_seq_len']}, "
+          f"speculative={options['speculative']}, engine {'process' if cfg.engine_process else 'thread'})")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
 

@@ -13,9 +13,13 @@
   4. cache bytes per token: ours vs transformers' cache vs the expanded per-head K/V of plain MHA;
   5. aggregate tokens/s of 1, 4, 8, 16 concurrent streaming clients against serve.py in a subprocess.
 
-Every sentence of the section is generated from the numbers measured in the run.
+Every sentence of the section is generated from the numbers measured in the run. `--load-only` measures section
+5's work three ways and prints the table (it writes nothing): the engine alone, the server with its engine in a
+thread (`serve.py --no-engine-process`) and in a process of its own (serve.py's default), same workload and
+sampling, and checks issue 21's targets for the process.
 
     python -m bench.serve [--presets tiny,mini --threads 1 --checkpoint out/speedrun/sft/ckpt]
+    python -m bench.serve --load-only [--clients 1,8,16]
 """
 
 import argparse
@@ -58,6 +62,7 @@ class BenchConfig:
     requests_per_client: int = 2
     max_tokens: int = 64  # per streamed request
     write: bool = True
+    load_only: bool = False  # only the load test: engine alone vs server (engine thread) vs server (engine process)
 
 
 # ---------------------------------------------------------------------------------------------- 1. ops per step
@@ -263,21 +268,29 @@ def speculative_rows(ckpt: Path, cfg: BenchConfig) -> tuple[list[dict], bool]:
 
 # ---------------------------------------------------------------------------------------------- 5. load test
 async def _client(url, n_req, max_tokens, prompt, tokens):
-    import httpx
+    """One streaming client: n_req requests one after another over loopback, each read to its last byte. Plain
+    asyncio streams, not an HTTP library: the client shares the cores with the server, so it does as little
+    per chunk as it can (one read per arrival, the usage chunk parsed at the end)."""
+    host, port = url.split("//")[1].split(":")
+    for _ in range(n_req):
+        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 1.0,
+                           "stream_options": {"include_usage": True}}).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+        head = await reader.read(65536)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"server answered {head[:300]!r}")
+        tail = head
+        while data := await reader.read(65536):
+            tail = (tail + data)[-8192:]
+        writer.close()
+        usage = next(ln for ln in reversed(tail.decode(errors="replace").split("\n"))
+                     if ln.startswith("data: {") and '"usage":{' in ln)
+        tokens.append(json.loads(usage[6:])["usage"]["completion_tokens"])
 
-    async with httpx.AsyncClient(timeout=300) as c:
-        for _ in range(n_req):
-            body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 1.0,
-                    "stream_options": {"include_usage": True}}
-            async with c.stream("POST", url + "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"server answered {r.status_code}: {await r.aread()}")
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {") and '"usage":{' in line:
-                        tokens.append(json.loads(line[6:])["usage"]["completion_tokens"])
 
-
-def load_test(ckpt: Path, cfg: BenchConfig):
+def load_test(ckpt: Path, cfg: BenchConfig, engine_process: bool = True):
     import httpx
 
     with socket.socket() as s:
@@ -286,7 +299,8 @@ def load_test(ckpt: Path, cfg: BenchConfig):
     url = f"http://127.0.0.1:{port}"
     max_c = max(int(c) for c in cfg.clients.split(","))
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(ckpt), "--port", str(port), "--device",
-                             "cpu", "--max-batch", str(max_c), "--threads", str(cfg.threads)], cwd=ROOT,
+                             "cpu", "--max-batch", str(max_c), "--threads", str(cfg.threads),
+                             "--engine-process" if engine_process else "--no-engine-process"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = []
     try:
@@ -319,13 +333,15 @@ def load_test(ckpt: Path, cfg: BenchConfig):
     return rows
 
 
-def engine_scaling(model, cfg: BenchConfig) -> dict:
-    """The load test's work without the server: tokens/s of the engine alone with 1 and with 8 requests at once."""
+def engine_scaling(model, cfg: BenchConfig, clients=(1, 8)) -> dict:
+    """The load test's work without the server: tokens/s of the engine alone with c requests at once (c clients'
+    requests_per_client requests each, max_batch c), for each c in clients."""
     out = {}
-    for c in (1, 8):
+    for c in clients:
         eng = Engine(model, max_batch=c, max_seq_len=16 + cfg.max_tokens)
-        prompts = [[(7 * i + j) % model.config.vocab_size for j in range(8)] for i in range(c)]
-        params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=1.0, seed=i) for i in range(c)]
+        n = c * cfg.requests_per_client
+        prompts = [[(7 * i + j) % model.config.vocab_size for j in range(8)] for i in range(n)]
+        params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=1.0, seed=i) for i in range(n)]
         eng.generate(prompts, params)
         t = time.perf_counter()
         n = sum(len(o.token_ids) for o in eng.generate(prompts, params))
@@ -456,17 +472,57 @@ def report(cfg, t0, ops, speed, profiles, spec, spec_same, spec_src, loads, alon
     return "\n".join(lines)
 
 
+def load_comparison(cfg: BenchConfig, cmd: str, load: float) -> str:
+    """--load-only: the engine alone, the server with an engine thread and with an engine process, best of
+    `repeats` each, on the first preset with random weights; a markdown table and issue 21's targets."""
+    clients = [int(c) for c in cfg.clients.split(",")]
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    model = GLM5(ModelConfig.preset(cfg.presets.split(",")[0], vocab_size=tok.vocab_size)).eval()
+    best = {"alone": {}, "thread": {}, "process": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, Path(tmp) / "ckpt", tokenizer=tok)
+        for _ in range(cfg.repeats):
+            runs = {"alone": engine_scaling(model, cfg, clients)}
+            for mode in ("thread", "process"):
+                print(f"[bench serve] load test, engine {mode}")
+                runs[mode] = {c: tps for c, _, _, tps in load_test(Path(tmp) / "ckpt", cfg, mode == "process")}
+            for mode, row in runs.items():
+                for c, tps in row.items():
+                    best[mode][c] = max(best[mode].get(c, 0.0), tps)
+    a, t, p = best["alone"], best["thread"], best["process"]
+    lines = [f"`{cmd}` · {machine()} · torch threads {cfg.threads} · load average {load:.1f} at the start · "
+             f"{cfg.presets.split(',')[0]}, random weights, {cfg.requests_per_client} streamed requests of "
+             f"≤{cfg.max_tokens} tokens per client at temperature 1, best of {cfg.repeats}", "",
+             "| clients | engine alone tok/s | server, engine thread tok/s | % of alone | server, engine process "
+             "tok/s | % of alone |", "|---:|---:|---:|---:|---:|---:|",
+             *[f"| {c} | {a[c]:.0f} | {t[c]:.0f} | {100 * t[c] / a[c]:.0f}% | {p[c]:.0f} | {100 * p[c] / a[c]:.0f}% |"
+               for c in clients]]
+    lo, hi = min(clients), max(clients)
+    checks = [(f"server keeps ≥ 70% of the engine alone at {lo} client", p[lo] / a[lo] >= 0.7),
+              (f"≥ 85% at {hi}", p[hi] / a[hi] >= 0.85), (f"{hi} clients ≥ 6× {lo}", p[hi] / p[lo] >= 6),
+              *[(f"{hi} clients not lower than {c}", p[hi] >= p[c]) for c in clients if lo < c < hi]]
+    lines += ["", "Targets, engine process: " + "; ".join(f"{what}: **{'met' if ok else 'NOT met'}**"
+                                                          for what, ok in checks)
+              + f" ({hi} vs {lo} clients: {_x(p[hi], p[lo])})."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(BenchConfig):
-        if isinstance(f.default, bool):
-            ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+        if isinstance(f.default, bool):  # --no-write turns a default on off, --load-only a default off on
+            flag = ("--no-" if f.default else "--") + f.name.replace("_", "-")
+            ap.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true")
         else:
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     cfg = BenchConfig(**vars(ap.parse_args(argv)))
     cmd = " ".join(["python -m bench.serve", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(cfg.threads)
     t0, load = time.time(), os.getloadavg()[0]
+    if cfg.load_only:
+        print(load_comparison(cfg, cmd, load))
+        return
     presets = cfg.presets.split(",")
     contexts = [tuple(int(v) for v in c.split("+")) for c in cfg.contexts.split(",")]
     ops, baseline_note = {}, ""

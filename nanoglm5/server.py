@@ -1,16 +1,18 @@
 """OpenAI-compatible HTTP server around engine.py: /v1/chat/completions, /v1/completions, /v1/models, /health,
 and at `/` a chat page (chat.html: one self-contained file that talks to the same endpoints).
 
-Holds, top to bottom: `EngineWorker`, the one background thread that owns the engine and steps it while any
-request is live, feeding each HTTP request's asyncio queue; text assembly (incremental detokenization, stop
-strings cut with the engine's `find_stop`, streaming hold-back); `create_app`, the FastAPI app; and the
-request → SamplingParams validation and the response assembly (plain and SSE streaming). The OpenAI schemas,
-error shape and log-prob objects are in api.py.
+Holds, top to bottom: text assembly (incremental detokenization in constant work per token beside the readable
+whole-text version, stop strings cut with the engine's `find_stop`, streaming hold-back); `create_app`, the
+FastAPI app; and the request → SamplingParams validation and the response assembly (plain and SSE streaming).
+The OpenAI schemas, error shape and log-prob objects are in api.py; what owns and steps the engine, a thread of
+this process or an engine process of its own (`engine_process=True`, serve.py's default), is engine_core.py.
 
-Concurrency: every request only tokenizes, submits to the worker and awaits its queue, so concurrent
+Concurrency: every request only tokenizes, submits to the engine core and awaits its queue, so concurrent
 requests share the engine's running batch (continuous batching). Beyond max_batch running sequences
 requests wait in the engine's queue; beyond max_queue waiting ones the server answers 429 at once.
 A client that disconnects (mid-stream or while waiting) has its requests aborted, freeing their slots.
+A stream sends what has arrived since its last write in one write (one chunk per token, several chunks per
+write when the client lags). A dead engine process: 503 for every request and for /health.
 
 Simplified: no auth, no presence/frequency penalties or logit_bias (accepted, ignored), no `echo` with streaming,
 no tools.
@@ -19,9 +21,7 @@ no tools.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import queue
-import threading
+import codecs
 import time
 import traceback
 import uuid
@@ -45,10 +45,9 @@ from nanoglm5.api import (
     range_error,
     to_json,
 )
-from nanoglm5.checkpoint import load_hf
 from nanoglm5.data.tasks import agent_tasks, code_tasks, math_tasks
-from nanoglm5.data.tokenizer import Tokenizer
 from nanoglm5.engine import Engine, SamplingParams, find_stop
+from nanoglm5.engine_core import EngineProcess, EngineWorker, load_model, load_tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")  # served at /: no build step, no CDN
 
@@ -68,122 +67,12 @@ def task_kinds() -> list[dict]:
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
-# ---------------------------------------------------------------------------------------------- engine worker
-@dataclass
-class _Sub:
-    loop: asyncio.AbstractEventLoop
-    q: asyncio.Queue
-    index: int  # choice index within its HTTP request
-
-
-class EngineWorker:
-    """One thread owns the engine: it takes new requests and aborts from an inbox, steps the engine while any
-    request is live, and pushes (index, token, logprob, top, completion) or (index, error) onto each HTTP
-    request's asyncio queue. An exception in one request's sampling or stop check fails that request alone
-    (the engine runs with isolate_errors); one in the batched forward fails the requests in flight (500); the
-    loop goes on either way."""
-
-    def __init__(self, engine: Engine, max_queue: int = 64):
-        self.engine, self.max_queue = engine, max_queue
-        self.inbox: queue.Queue = queue.Queue()
-        self.subs: dict[str, _Sub] = {}
-        self.lock = threading.Lock()
-        self.live = 0  # requests submitted and not yet finished or aborted
-        self.stopped = False
-        self._ids = itertools.count()
-        self.thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.stopped = True
-        self.inbox.put(("wake",))
-        self.thread.join(timeout=10)
-
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[str], asyncio.Queue]:
-        """Queue one engine request per (prompt, params); 429 when the server is full."""
-        with self.lock:
-            if self.live + len(prompts) > self.engine.max_batch + self.max_queue:
-                raise APIError(429, f"Rate limit reached: the server is busy with {self.live} requests in flight, "
-                                    f"limit max_batch + max_queue = {self.engine.max_batch + self.max_queue}; "
-                                    "retry later", code="rate_limit_exceeded")
-            self.live += len(prompts)
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        rids = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            rid = f"r{next(self._ids)}"
-            self.subs[rid] = _Sub(loop, q, i)
-            self.inbox.put(("add", rid, p, sp))
-            rids.append(rid)
-        return rids, q
-
-    def abort(self, rids: list[str]):
-        for rid in rids:
-            self.inbox.put(("abort", rid))
-
-    def _push(self, rid: str, item: tuple, final: bool):
-        sub = self.subs.pop(rid, None) if final else self.subs.get(rid)
-        if sub is None:
-            return
-        if final:
-            with self.lock:
-                self.live -= 1
-        sub.loop.call_soon_threadsafe(sub.q.put_nowait, (sub.index, *item))
-
-    def _drain_inbox(self, block: bool):
-        try:
-            msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if msg[0] == "add":
-                _, rid, p, sp = msg
-                if rid in self.subs:  # not aborted before it arrived
-                    try:
-                        self.engine.add_request(p, sp, request_id=rid)
-                    except ValueError as e:  # a limit the server's own checks did not catch
-                        self._push(rid, ("error", APIError(400, str(e), code="invalid_value")), final=True)
-                    except Exception as e:  # never let one request kill the worker thread
-                        traceback.print_exc()
-                        self._push(rid, ("error", APIError(500, f"The server had an error while processing your "
-                                                                f"request: {type(e).__name__}: {e}")), final=True)
-            elif msg[0] == "abort":
-                if self.engine.abort(msg[1]) or msg[1] in self.subs:
-                    self._push(msg[1], ("error", APIError(499, "aborted")), final=True)
-            try:
-                msg = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _run(self):
-        while not self.stopped:
-            self._drain_inbox(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                events = self.engine.step()
-            except Exception as e:  # fail what is in flight, keep serving
-                traceback.print_exc()
-                for rid in self.engine.abort_all():
-                    self._push(rid, ("error", APIError(500, f"The server had an error while processing your "
-                                                            f"request: engine error: {type(e).__name__}: {e}")),
-                               final=True)
-                continue
-            for ev in events:
-                if ev.error is not None:  # this request alone failed (the engine isolates errors): a 500 for it
-                    self._push(ev.request_id, ("error", APIError(500, f"The server had an error while processing "
-                                                                      f"your request: {ev.error}")), final=True)
-                    continue
-                self._push(ev.request_id, ("token", ev.token_id, ev.logprob, ev.top_logprobs, ev.completion),
-                           final=ev.completion is not None)
-
-
 # ---------------------------------------------------------------------------------------------- text assembly
-class TextState:
-    """Incremental detokenization of one choice: decodes all tokens so far (byte-level BPE can split a
-    character across tokens), cuts at the first stop string, and holds back a tail that could still grow
-    into a stop string or is an unfinished UTF-8 character, so streamed deltas never need retracting."""
+class FullTextState:
+    """Detokenization of one choice, the readable version: decodes all tokens so far (byte-level BPE can split a
+    character across tokens), cuts at the first stop string, and holds back a tail that could still grow into a
+    stop string or is an unfinished UTF-8 character, so streamed deltas never need retracting. Work per token
+    grows with the reply (quadratic in all); TextState emits the same deltas in constant work per token."""
 
     def __init__(self, tokenizer, stop: list[str], stop_ids: set[int]):
         self.tok, self.stop, self.stop_ids = tokenizer, stop, stop_ids
@@ -216,6 +105,56 @@ class TextState:
         return delta
 
 
+class TextState:
+    """FullTextState's deltas in constant work per token (vLLM's incremental detokenization, done on bytes): each
+    token's bytes (tokenizer.token_bytes) go through an incremental UTF-8 decoder, where the bytes of an
+    unfinished character wait (FullTextState sees them as one trailing U+FFFD: so does this, virtually); the
+    stop strings are searched for only in the window where a new one can be, the last longest-stop - 1
+    characters and the new ones, and the held-back tail lies in that window too. The text is kept in pieces."""
+
+    def __init__(self, tokenizer, stop: list[str], stop_ids: set[int]):
+        self.bytes_of, self.stop, self.stop_ids = tokenizer.token_bytes, stop, stop_ids
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # maximal-subpart U+FFFD, as decode()
+        self.keep = max([len(s) - 1 for s in stop] + [1])  # window characters before the new ones
+        self.pieces: list[str] = []
+        self.n = self.sent = 0  # characters decoded / already emitted
+        self.tail, self.stopped = "", False  # tail: the text's last `keep` characters
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, token_id: int, final: bool) -> str:
+        """Add one token; return the new text that is safe to emit."""
+        if self.stopped:
+            return ""
+        piece = self.utf8.decode(b"" if token_id in self.stop_ids else self.bytes_of(token_id), final=final)
+        start = self.n - len(self.tail)  # where the window starts in the text
+        window = self.tail + piece
+        self.pieces.append(piece)
+        self.n += len(piece)
+        seen = window + ("\ufffd" if self.utf8.getstate()[0] else "")  # what FullTextState's decode would end with
+        cut = find_stop(seen, self.stop)
+        if cut >= 0:
+            cut = min(cut, len(window))
+            self.pieces, self.n = [self.text[:start + cut]], start + cut
+            window = seen = window[:cut]
+            self.stopped, final = True, True
+        safe = start + len(seen)
+        if not final:
+            if seen.endswith("\ufffd"):
+                safe -= 1
+            for s in self.stop:  # longest suffix of the text that is a prefix of a stop string
+                for k in range(min(len(s) - 1, len(seen)), 0, -1):
+                    if seen.endswith(s[:k]):
+                        safe = min(safe, start + len(seen) - k)
+                        break
+        hi = max(safe, self.sent)
+        delta = window[self.sent - start : hi - start]
+        self.sent, self.tail = hi, window[-self.keep:]
+        return delta
+
+
 # ---------------------------------------------------------------------------------------------- the app
 @dataclass
 class ServerLimits:
@@ -225,30 +164,26 @@ class ServerLimits:
     max_tokens_in_flight: int  # the engine's cache positions: it refuses a request with prompt + max_tokens above this
 
 
-def _load(source, device):
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the server needs the checkpoint's tokenizer; "
-                                    "save it with save_hf(model, dir, tokenizer=tok) or copy data/tokenizer.json there")
-        return load_hf(path, device=device or "cpu"), Tokenizer.load(path), path.name
-    model, tokenizer = source
-    return model, tokenizer, "nanoglm5"
-
-
 def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192, max_seq_len: int | None = None,
                max_queue: int = 64, model_name: str | None = None, default_max_tokens: int = 256,
-               device: str | None = None, engine_options: dict | None = None) -> FastAPI:
+               device: str | None = None, engine_options: dict | None = None, engine_process: bool = False) -> FastAPI:
     """source: a checkpoint directory (config.json, model.safetensors, tokenizer.json) or (model, tokenizer).
-    engine_options: more Engine arguments (speculative="mtp", dtype=torch.bfloat16, graphs=...)."""
-    model, tok, default_name = _load(source, device)
-    model.eval()
-    options = {"isolate_errors": True, **(engine_options or {})}  # a request never fails its neighbours
-    engine = Engine(model, tok, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
-                    max_seq_len=max_seq_len, device=device, **options)
-    worker = EngineWorker(engine, max_queue)
+    engine_options: more Engine arguments (speculative="mtp", dtype=torch.bfloat16, graphs=...).
+    engine_process: step the engine in a process of its own (engine_core.EngineProcess; app.state.engine is then
+    None) instead of a thread of this one (EngineWorker, the default: fast to start, the engine at hand). The
+    process is started with `spawn`, which imports the calling script again: call this under
+    `if __name__ == "__main__":` in a script (serve.py does; a notebook needs nothing)."""
+    tok, default_name = load_tokenizer(source)
+    kwargs = dict(max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, max_seq_len=max_seq_len,
+                  device=device, isolate_errors=True, **(engine_options or {}))  # a request never fails its neighbours
+    if engine_process:
+        engine, worker = None, EngineProcess(source, kwargs, max_queue, device)
+    else:
+        engine = Engine(load_model(source, device).eval(), tok, **kwargs)
+        worker = EngineWorker(engine, max_queue)
+    info = worker.info
     name = model_name or default_name
-    limits = ServerLimits(engine.max_seq_len, default_max_tokens, engine.cfg.vocab_size, engine.max_tokens_in_flight)
+    limits = ServerLimits(info["max_seq_len"], default_max_tokens, info["vocab_size"], info["max_tokens_in_flight"])
     created = int(time.time())
 
     @asynccontextmanager
@@ -273,8 +208,11 @@ def create_app(source, *, max_batch: int = 16, max_tokens_in_flight: int = 8192,
 
     @app.get("/health")
     async def health():
-        # live: requests the worker holds (submitted, not yet finished or aborted); running/waiting: the engine's
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting), "live": worker.live}
+        # live: requests the worker holds (submitted, not yet finished or aborted); running/waiting: the engine's;
+        # aborted: requests the engine dropped unfinished because their client went away
+        if worker.error is not None:
+            return JSONResponse({"status": "error", **worker.error.body()}, status_code=worker.error.status)
+        return {"status": "ok", **worker.status()}
 
     @app.get("/v1/models")
     async def models():
@@ -408,11 +346,15 @@ def _echo(tok, prompt: list[int], comp, choice: dict, n_top, drop: bool) -> dict
     return out
 
 
-async def _events(request: Request, q: asyncio.Queue):
-    """Items of one HTTP request's queue; raises ConnectionError when the client went away."""
+async def _events(request: Request, q: asyncio.Queue, poll: bool = True):
+    """Items of one HTTP request's queue; with `poll`, raises ConnectionError when the client went away (checked
+    each second without an item). A stream does not poll: Starlette watches its client and cancels it."""
     while True:
+        if not poll or not q.empty():
+            yield await q.get()
+            continue
         try:
-            yield await asyncio.wait_for(q.get(), timeout=1.0)
+            yield await asyncio.wait_for(q.get(), timeout=1.0)  # a task per call: only where it is needed
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise ConnectionError("client disconnected") from None
@@ -484,13 +426,12 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
         done = 0
         try:
             if chat:  # first delta carries the role (vLLM, OpenAI)
-                for i in range(len(params)):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-            async for idx, kind, *rest in _events(request, q):
+                yield "".join(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}]) for i in range(len(params)))
+            out = []  # chunks not yet written: one write for all that has arrived
+            async for idx, kind, *rest in _events(request, q, poll=False):
                 if kind == "error":
-                    err = rest[0]
-                    yield f"data: {to_json(err.body())}\n\n"  # after the 200 header, errors go out as a chunk
+                    out.append(f"data: {to_json(rest[0].body())}\n\n")  # after the 200 header, errors are a chunk
                     break
                 t, _, top, comp = rest
                 was_stopped = states[idx].stopped
@@ -502,15 +443,20 @@ async def _respond(request, worker, tok, body, prompts, params, name, chat: bool
                 if delta or lp is not None:
                     c = {"index": idx, "logprobs": lp, "finish_reason": None}
                     c.update({"delta": {"content": delta}} if chat else {"text": delta})
-                    yield chunk([c])
+                    out.append(chunk([c]))
                 if comp is not None:
                     usage["completion_tokens"] += len(comp.token_ids)
                     c = {"index": idx, "logprobs": None, "finish_reason": comp.finish_reason}
                     c.update({"delta": {}} if chat else {"text": ""})
-                    yield chunk([c])
+                    out.append(chunk([c]))
                     done += 1
                     if done == len(params):
                         break
+                if out and q.empty():
+                    yield "".join(out)
+                    out.clear()
+            if out:
+                yield "".join(out)
             if include_usage:
                 yield chunk([], finish_usage())
             yield "data: [DONE]\n\n"

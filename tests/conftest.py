@@ -60,13 +60,18 @@ class LiveServer:
 CHAT_TEXTS = ["the cat sat on the mat", "hello world, hello model", "1 + 2 = 3 and 2 + 2 = 4"] * 20
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_ckpt(tmp_path_factory):
-    """A tiny random chat checkpoint with its tokenizer (DSA selects: index_topk 16 < 96 positions), the one the
-    server, load and chat-page tests serve."""
+def make_chat_ckpt(tmp_path_factory, max_position_embeddings: int = 96):
+    """A tiny random chat checkpoint with its tokenizer (DSA selects: index_topk 16 < the positions)."""
     tok = Tokenizer.train(CHAT_TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=96, index_topk=16))
+    model = GLM5(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=max_position_embeddings,
+                                    index_topk=16))
     path = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
     save_hf(model, path, tokenizer=tok)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_ckpt(tmp_path_factory):
+    """The checkpoint the server, load and chat-page tests serve (96 positions)."""
+    return make_chat_ckpt(tmp_path_factory)

@@ -2,6 +2,7 @@
 (non-streaming and streaming), SSE format, every bad-input case, disconnects, overload, shared batching."""
 
 import json
+import random
 import threading
 import time
 
@@ -18,7 +19,7 @@ from nanoglm5.engine import Engine, SamplingParams
 from nanoglm5.int4 import Int4Experts
 from nanoglm5.model import GLM5
 from nanoglm5.quant import convert_checkpoint
-from nanoglm5.server import TextState, create_app
+from nanoglm5.server import FullTextState, TextState, create_app
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def assert_openai_error(r, status, param=..., code=...):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"]
-    assert err["type"] == {429: "requests", 500: "server_error"}.get(status, "invalid_request_error"), err
+    assert err["type"] == ("requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"), err
     assert err["param"] is None or isinstance(err["param"], str)
     assert err["code"] is None or isinstance(err["code"], str)  # OpenAI's codes are strings, never the status
     if param is not ...:
@@ -293,17 +294,52 @@ def test_concurrent_requests_share_the_batch_and_overload_is_429(ckpt):
         srv.close()
 
 
-def test_text_state_holds_back_stop_prefixes():
+@pytest.mark.parametrize("state", [TextState, FullTextState])
+def test_text_state_holds_back_stop_prefixes(state):
     class CharTok:
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    st = TextState(CharTok(), stop=["END"], stop_ids={0})
+        def token_bytes(self, i):
+            return chr(i).encode()
+
+    st = state(CharTok(), stop=["END"], stop_ids={0})
     out = [st.add(ord(c), final=False) for c in "abEN"]
     assert "".join(out) == "ab"  # "EN" might become "END"
     assert st.add(ord("D"), final=False) == "" and st.stopped and st.text == "abEN"[:2]
-    st = TextState(CharTok(), stop=["END"], stop_ids={0})
+    st = state(CharTok(), stop=["END"], stop_ids={0})
     assert "".join(st.add(ord(c), final=False) for c in "aEx") + st.add(0, final=True) == "aEx"
+
+
+def test_incremental_text_state_emits_what_the_full_decode_does(ckpt):
+    """TextState (constant work per token) against FullTextState (decode everything each token): the same delta
+    at every token, the same text and stop, on 300 random replies: byte tokens that split or break UTF-8
+    characters, merges, special and stop tokens, stop strings that occur (ASCII and multi-byte) or do not."""
+    tok = Tokenizer.load(ckpt)
+    rng = random.Random(0)
+    chars = tok.encode("é€😀 ok") + tok.encode("the cat sat")  # byte tokens of split multi-byte characters
+    stop_ids = set(tok.stop_ids)
+    for trial in range(300):
+        n = rng.randrange(1, 40)
+        ids = [rng.choice(chars) if rng.random() < 0.5 else rng.randrange(tok.vocab_size) for _ in range(n)]
+        if trial % 3 == 0:  # no stop token inside the reply: only its end may be one
+            ids = [t for t in ids if t not in stop_ids] or [chars[0]]
+        text = tok.decode([t for t in ids if t not in stop_ids])
+        stop = []
+        for _ in range(rng.randrange(0, 3)):
+            if text and rng.random() < 0.7:
+                i = rng.randrange(len(text))
+                stop.append(text[i:i + rng.randrange(1, 5)])
+            else:
+                stop.append(rng.choice(["é€", "cat", "😀 o", "zz", "t"]))
+        stop = [s for s in stop if s and "\ufffd" not in s]
+        full, inc = FullTextState(tok, stop, stop_ids), TextState(tok, stop, stop_ids)
+        for j, t in enumerate(ids):
+            final = j == len(ids) - 1 or (t in stop_ids and rng.random() < 0.5)
+            assert inc.add(t, final) == full.add(t, final), (trial, ids[:j + 1], stop)
+            if final:
+                break
+        assert (inc.text, inc.stopped) == (full.text, full.stopped), (trial, ids, stop)
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

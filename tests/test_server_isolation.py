@@ -200,5 +200,6 @@ def test_fuzzer_over_the_schema_finds_no_server_error(server):
 
     one()
     assert 200 in seen and 400 in seen  # the fuzzer reached the engine and the validation both
-    assert httpx.get(server.url + "/health", timeout=60).json() == {"status": "ok", "running": 0, "waiting": 0,
-                                                                    "live": 0}
+    health = httpx.get(server.url + "/health", timeout=60).json()
+    assert {k: health[k] for k in ("status", "running", "waiting", "live")} == {"status": "ok", "running": 0,
+                                                                               "waiting": 0, "live": 0}

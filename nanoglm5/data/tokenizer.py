@@ -30,6 +30,14 @@ SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
+def _byte_of_symbol() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable symbol ByteLevel writes for each byte → that byte
+    (printable Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100...)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
 def _pipeline(model) -> HFTokenizer:
     tok = HFTokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -56,6 +64,7 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self.special[EOS]
         self.stop_ids = [self.eos_id, self.special["<|user|>"], self.special["<|observation|>"]]
+        self._bytes: list[bytes] | None = None  # token_bytes' table, built on first use
 
     # --- training and files ---------------------------------------------------------------------
 
@@ -104,6 +113,20 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for: `decode(ids)` is the UTF-8 decoding (errors replaced) of the
+        concatenation of its tokens' bytes, what incremental detokenization builds on (server.TextState).
+        A token the byte alphabet cannot spell is its text's UTF-8, as the ByteLevel decoder treats it."""
+        if self._bytes is None:
+            table = _byte_of_symbol()
+            self._bytes = []
+            for t in (self._tok.id_to_token(j) for j in range(self.vocab_size)):
+                try:
+                    self._bytes.append(bytes(table[c] for c in t))
+                except KeyError:
+                    self._bytes.append(t.encode())
+        return self._bytes[int(i)]
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
