@@ -105,7 +105,8 @@ def sparse_attention(attn, x, cos, sin, positions, want_kl: bool, tie_break: str
     T, C = x.shape[1], attn.query_chunk
     c_kv, k_rot = attn.project_kv(x, cos, sin)  # (B, S, kvl), (B, S, dr)
     latents = torch.cat([c_kv, k_rot], dim=-1)  # (B, S, kvl + dr): one row per key, shared by the heads
-    index_k = attn.indexer.keys(x.detach(), cos, sin)  # (B, S, dI)
+    with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):  # the indexer learns from its KL only
+        index_k = attn.indexer.keys(x.detach(), cos, sin)  # (B, S, dI)
     outs, kl = [], 0.0
     for i in range(0, T, C):
         s = slice(i, i + C)
