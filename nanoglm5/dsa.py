@@ -35,12 +35,13 @@ def topk_of_rows(scores: torch.Tensor, allowed: torch.Tensor, S: int, k: int, ti
     n = masked.shape[-1]
     if n <= k:  # every key is taken: pad with masked keys as select does
         return _full_rows(masked, S, k, tie_break)
-    vals, idx = masked.topk(k + 1, dim=-1)  # sorted: vals[..., k-1] is the k-th score, vals[..., k] the next
-    top = idx[..., :k]
+    vals, idx = masked.topk(k + 1, dim=-1, sorted=False)  # the k + 1 best, in no order
+    low = vals.min(-1, keepdim=True)  # the (k+1)-th score: the top-k set is unique unless another one equals it
+    tied = (vals == low.values).sum(-1) > 1  # (B, t)
+    top = idx.scatter(-1, low.indices, idx[..., k:])[..., :k]  # drop the (k+1)-th
     if tie_break == "stable":  # ties to the earlier position, as the stable sort: order the set by (score, position)
         top = top.sort(dim=-1).values
         top = top.gather(-1, masked.gather(-1, top).sort(dim=-1, descending=True, stable=True).indices)
-    tied = vals[..., k - 1] == vals[..., k]  # (B, t)
     if tied.any():
         b, t = tied.nonzero(as_tuple=True)
         top = top.clone()
@@ -77,10 +78,10 @@ def sparse_chunk(attn, x, cos, sin, pos_q, pos_k, latents, index_k, want_kl: boo
         q_idx = attn.indexer.queries(ql_i, cos, sin)  # (B, t, HI, dI)
     w_uk, w_uv = attn.w_uk_uv()
     q_lat = torch.einsum("bhtd,hdc->bthc", q_nope, w_uk)  # (B, t, h, kvl): W_UK absorbed into q
-    q_cat = torch.cat([q_lat, q_rot.transpose(1, 2)], dim=-1)  # (B, t, h, kvl + dr)
+    q_cat = torch.cat([q_lat, q_rot.transpose(1, 2)], dim=-1) * attn.scale  # (B, t, h, kvl + dr), pre-scaled
     rows = latents.reshape(B * S, -1)  # one row per (sequence, key)
     o_lat, kl = [], q_cat.new_zeros(())
-    for j in range(0, t, C):
+    for j in reversed(range(0, t, C)):  # the longest rows first: see `sparse_attention`
         s = slice(j, j + C)
         with torch.no_grad():
             top = select_causal(attn, x_i[:, s], q_idx[:, s].detach(), index_k.detach(), pos_q[:, s], pos_k, tie_break)
@@ -88,14 +89,16 @@ def sparse_chunk(attn, x, cos, sin, pos_q, pos_k, latents, index_k, want_kl: boo
         flat = (top + torch.arange(B, device=x.device)[:, None, None] * S).reshape(-1)  # (B·c·k,)
         sel = rows.index_select(0, flat).view(B * c, k, -1)  # (B·c, k, kvl + dr): the latents of each query's keys
         mask = pos_k.gather(1, top.reshape(B, -1)).view(B * c, 1, k) <= pos_q[:, s].reshape(B * c, 1, 1)
-        logits = torch.bmm(q_cat[:, s].reshape(B * c, h, -1), sel.transpose(1, 2)) * attn.scale  # (B·c, h, k)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q_cat.dtype)
+        logits = torch.bmm(q_cat[:, s].reshape(B * c, h, -1), sel.transpose(1, 2))  # (B·c, h, k)
+        if not mask.all():  # only queries that see fewer than k keys select masked ones
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits.float(), dim=-1).to(q_cat.dtype)
         o_lat.append(torch.bmm(probs, sel[..., :kvl]).view(B, c, h, kvl))
         if want_kl:
             k_sel = index_k.reshape(B * S, -1).index_select(0, flat).view(B, c, k, -1)  # (B, c, k, dI)
             scores = attn.indexer.scores_at(x_i[:, s], q_idx[:, s], k_sel)  # (B, c, k)
             kl = kl + kl_fn(probs.view(B, c, h, k).transpose(1, 2), scores, mask.view(B, c, k)) * (c / t)
-    out = torch.einsum("bthc,hvc->bthv", torch.cat(o_lat, dim=1), w_uv)  # W_UV after the weighted sum
+    out = torch.einsum("bthc,hvc->bthv", torch.cat(o_lat[::-1], dim=1), w_uv)  # W_UV after the weighted sum
     return attn.o_proj(out.reshape(B, t, h * attn.dv)), kl
 
 
@@ -108,7 +111,9 @@ def sparse_attention(attn, x, cos, sin, positions, want_kl: bool, tie_break: str
     with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):  # the indexer learns from its KL only
         index_k = attn.indexer.keys(x.detach(), cos, sin)  # (B, S, dI)
     outs, kl = [], 0.0
-    for i in range(0, T, C):
+    # chunks and their sub-chunks run last first: the index scores shrink from one to the next, so each fits the
+    # memory the allocator kept from the one before (growing tensors of MBs each get fresh pages from the OS)
+    for i in reversed(range(0, T, C)):
         s = slice(i, i + C)
         args = (attn, x[:, s], cos[:, s], sin[:, s], positions[:, s], positions, latents, index_k, want_kl,
                 tie_break, kl_fn)
@@ -118,4 +123,4 @@ def sparse_attention(attn, x, cos, sin, positions, want_kl: bool, tie_break: str
             out, k = sparse_chunk(*args)
         outs.append(out)
         kl = kl + k * (out.shape[1] / T)  # the mean over all queries
-    return torch.cat(outs, dim=1), kl
+    return torch.cat(outs[::-1], dim=1), kl
