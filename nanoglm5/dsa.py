@@ -80,6 +80,9 @@ def sparse_chunk(attn, x, cos, sin, pos_q, pos_k, latents, index_k, want_kl: boo
     q_lat = torch.einsum("bhtd,hdc->bthc", q_nope, w_uk)  # (B, t, h, kvl): W_UK absorbed into q
     q_cat = torch.cat([q_lat, q_rot.transpose(1, 2)], dim=-1) * attn.scale  # (B, t, h, kvl + dr), pre-scaled
     rows = latents.reshape(B * S, -1)  # one row per (sequence, key)
+    # without autograd one buffer takes every sub-chunk's gathered latents: a fresh 10 MB tensor per sub-chunk
+    # costs the CPU more in page faults than the copy itself (the allocator hands such sizes back to the OS)
+    buf = None if torch.is_grad_enabled() else rows.new_empty(B * min(C, t) * attn.cfg.index_topk, rows.shape[1])
     o_lat, kl = [], q_cat.new_zeros(())
     for j in reversed(range(0, t, C)):  # the longest rows first: see `sparse_attention`
         s = slice(j, j + C)
@@ -87,7 +90,8 @@ def sparse_chunk(attn, x, cos, sin, pos_q, pos_k, latents, index_k, want_kl: boo
             top = select_causal(attn, x_i[:, s], q_idx[:, s].detach(), index_k.detach(), pos_q[:, s], pos_k, tie_break)
         c, k = top.shape[1:]
         flat = (top + torch.arange(B, device=x.device)[:, None, None] * S).reshape(-1)  # (B·c·k,)
-        sel = rows.index_select(0, flat).view(B * c, k, -1)  # (B·c, k, kvl + dr): the latents of each query's keys
+        sel = rows.index_select(0, flat) if buf is None else torch.index_select(rows, 0, flat, out=buf[: flat.numel()])
+        sel = sel.view(B * c, k, -1)  # (B·c, k, kvl + dr): the latents of each query's keys
         mask = pos_k.gather(1, top.reshape(B, -1)).view(B * c, 1, k) <= pos_q[:, s].reshape(B * c, 1, 1)
         logits = torch.bmm(q_cat[:, s].reshape(B * c, h, -1), sel.transpose(1, 2))  # (B·c, h, k)
         if not mask.all():  # only queries that see fewer than k keys select masked ones
