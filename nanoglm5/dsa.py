@@ -1,11 +1,12 @@
 """DSA sparse attention at long context: the fast form of model.py's `Attention.sparse_block` (the readable
 version: indexer over all keys → top-k → gathered absorbed attention, DeepSeek-V3.2 §2.1). The same numbers up
-to fp32 rounding, the same selection (tests/test_model.py checks both). What it does differently, and why
+to fp32 rounding, the same selection (tests/test_dsa.py checks both). What it does differently, and why
 (where the time went on a CPU at 8K keys: docs/LOG.md, 2026-12-08):
   - index scores only over each query chunk's causal keys (the later ones are masked anyway): half the
     O(T·S·H_I·d_I) indexer work, and top-k on the shorter row. torch.topk's order among tied scores depends on
     the row's length, so a row whose k-th and (k+1)-th scores tie takes the full masked row, as the reference;
-  - the (T, S) index scores are never whole: `index_chunk` queries at a time, fused with their top-k;
+  - the (T, S) index scores are never whole: `index_chunk` queries at a time, fused with their top-k and attention,
+    so each sub-chunk's tensors stay a few MB (see `sparse_chunk`);
   - one row gather per selected key of the latent [c_kv; k_rot] shared by all heads (MLA's point), then
     batched matmuls over (query: head × key);
   - a query chunk is one checkpoint: its q projections, selection, attention and o_proj are recomputed in
@@ -16,7 +17,6 @@ to fp32 rounding, the same selection (tests/test_model.py checks both). What it 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
 
 
 def visible_keys(pos_q: torch.Tensor, pos_k: torch.Tensor) -> int:
