@@ -44,6 +44,18 @@ def timeit(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
+def mem_available() -> int:
+    """Bytes of memory the OS can hand out now (Linux MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+DENSE_16K_BYTES = 18 * 2**30  # dense attention's no-grad forward at 16384 keys peaked at 16.9 GB RSS (mini, B=1)
+
+
 def matmul_rate(n: int = 1024, reps: int = 7) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / timeit(lambda: a @ b, reps, warmup=2)
@@ -215,6 +227,9 @@ def main(argv=None):
 
     dsa = {}
     for L in (1024, 4096, 8192) + (() if args.quick else (16384,)):
+        if L == 16384 and mem_available() < DENSE_16K_BYTES:
+            print(f"DSA L=16384 skipped: dense attention needs ~17 GB, {mem_available() / 2**30:.1f} GiB available")
+            continue
         fwd = dsa_layer(L, 512, bwd=False, reps=reps)
         bwd = L < 8192 or (L == 8192 and not args.quick)  # 16384: forward only (see the docstring)
         both = dsa_layer(L, 512, bwd=True, reps=max(1, reps - 1)) if bwd else None
