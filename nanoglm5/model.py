@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoglm5.config import ModelConfig
+from nanoglm5.dsa import sparse_attention
 
 TIE_BREAKS = ("topk", "stable")  # how DSA breaks exact ties of index scores: see `Attention`
 
@@ -93,8 +94,15 @@ class Indexer(nn.Module):
         with autocast_off(x.device):
             # one (T·HI, D) @ (D, S) matmul per sequence; a broadcast matmul would copy k T times
             s = torch.matmul(q.float().reshape(B, T * HI, D), k.float().transpose(-1, -2)).view(B, T, HI, -1)
-            s = F.relu(s * self.softmax_scale)  # (B, T, HI, S)
+            s = torch.relu_(s.mul_(self.softmax_scale))  # (B, T, HI, S), in place: the largest tensor of DSA
             return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)  # (B, T, S)
+
+    def scores_at(self, x, q, k_sel):
+        """`scores` at chosen keys only: k_sel (B,T,k,dI), each query's own keys → (B, T, k), O(T·k) not O(T·S)."""
+        w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, HI)
+        with autocast_off(x.device):
+            s = F.relu(torch.einsum("bthd,btkd->bthk", q.float(), k_sel.float()) * self.softmax_scale)
+            return torch.einsum("bth,bthk->btk", w, s)
 
 
 def indexer_kl(p_heads: torch.Tensor, index_scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -145,20 +153,24 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg)
         self.scale = (self.dn + self.dr) ** -0.5
         self.query_chunk = 1024  # sparse path: queries per checkpointed block (bounds memory at long T)
+        self.index_chunk = 64  # fast sparse path (dsa.py): queries selected and attended at once
         self.gather_min_keys = 1024  # impl="auto" gathers above this many keys (2K training: 7x faster than dense)
 
     # -- projections --------------------------------------------------------------------------
     def project(self, x, cos, sin):
         """x (B,T,H) → q_nope (B,h,T,dn), q_rot (B,h,T,dr), q latent (B,T,ql), c_kv (B,T,kvl), k_rot (B,T,dr)."""
+        return *self.project_q(x, cos, sin), *self.project_kv(x, cos, sin)
+
+    def project_q(self, x, cos, sin):
         B, T, _ = x.shape
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)
         q_nope, q_rot = q.split([self.dn, self.dr], dim=-1)
-        q_rot = apply_rope(q_rot, cos[:, None], sin[:, None])
+        return q_nope, apply_rope(q_rot, cos[:, None], sin[:, None]), q_latent
+
+    def project_kv(self, x, cos, sin):
         c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.kvl, self.dr], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        k_rot = apply_rope(k_rot, cos, sin)
-        return q_nope, q_rot, q_latent, c_kv, k_rot
+        return self.kv_a_layernorm(c_kv), apply_rope(k_rot, cos, sin)
 
     def w_uk_uv(self):
         """kv_b_proj split per head: W_UK (h, dn, kvl) and W_UV (h, dv, kvl)."""
@@ -213,7 +225,8 @@ class Attention(nn.Module):
 
     def sparse_block(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool,
                      tie_break: str = "topk"):
-        """Indexer → top-k → gathered absorbed attention, for a block of queries (all keys).
+        """Indexer → top-k → gathered absorbed attention, for a block of queries (all keys): the readable form of
+        the sparse path (Attention.forward runs dsa.py's fast one, which tests check equal to this).
         Returns (out, KL over the selected set, or 0 when not asked)."""
         with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
             scores = self.indexer.scores(x_i, self.indexer.queries(ql_i, cos, sin), index_k)  # (B, t, S)
@@ -223,47 +236,26 @@ class Attention(nn.Module):
             return out, out.new_zeros(())
         return out, indexer_kl(probs, scores.gather(-1, topk), allowed.gather(-1, topk))
 
-    def sparse_chunked(self, x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl: bool,
-                       tie_break: str = "topk"):
-        """sparse_block over chunks of `query_chunk` queries, each recomputed in backward (activation
-        checkpointing): memory O(chunk·S + T·k) instead of the (B, T, H_I, S) index scores and the
-        (B, T, k, kv_lora + rope) gathered latents of the whole sequence. Same numbers as one block."""
-        T, C = x_i.shape[1], self.query_chunk
-        outs, kl = [], 0.0
-        for i in range(0, T, C):
-            s = slice(i, i + C)
-            args = (x_i[:, s], ql_i[:, s], cos[:, s], sin[:, s], q_nope[:, :, s], q_rot[:, :, s], c_kv, k_rot,
-                    index_k, allowed[:, s], want_kl, tie_break)
-            if torch.is_grad_enabled():
-                out, k = torch.utils.checkpoint.checkpoint(self.sparse_block, *args, use_reentrant=False)
-            else:
-                out, k = self.sparse_block(*args)
-            outs.append(out)
-            kl = kl + k * (out.shape[1] / T)  # the mean over all queries
-        return torch.cat(outs, dim=1), kl
-
     def forward(self, x, cos, sin, positions, sparse=True, want_kl=False, impl="auto", tie_break="topk"):
         """x (B,T,H) normed block input; positions (B,T) absolute.
         impl: "dense" (masked MHA), "absorbed" (gathered latents) or "auto".
         tie_break: "topk" or "stable", how DSA breaks exact ties of index scores (see the class docstring).
         Returns (out (B,T,H), indexer KL or None)."""
-        q_nope, q_rot, q_latent, c_kv, k_rot = self.project(x, cos, sin)
-        # the indexer learns only from its own KL: its inputs are detached (DeepSeek-V3.2 §2.1)
-        x_i, ql_i = x.detach(), q_latent.detach()
-        index_k = self.indexer.keys(x_i, cos, sin) if (sparse or want_kl) else None
-        S = c_kv.shape[1]
-        allowed = positions[:, None, :] <= positions[:, :, None]  # (B, T, S) causal over absolute positions
+        S = x.shape[1]
         select = sparse and S > self.cfg.index_topk  # with S <= k the top-k holds every visible token: dense
         if impl == "auto":
             # gathering the top-k latents only pays off for long contexts (on CPU, below ~1K keys the masked
             # dense matmuls are faster: docs/benchmarks.md)
             impl = "absorbed" if select and S > self.gather_min_keys else "dense"
+        if select and impl == "absorbed":  # dsa.py: chunked, causal-only indexer, recomputed in backward
+            out, kl = sparse_attention(self, x, cos, sin, positions, want_kl, tie_break, indexer_kl)
+            return out, (kl if want_kl else None)
 
-        if select and impl == "absorbed":
-            run = self.sparse_chunked if x.shape[1] > self.query_chunk else self.sparse_block
-            out, kl = run(x_i, ql_i, cos, sin, q_nope, q_rot, c_kv, k_rot, index_k, allowed, want_kl, tie_break)
-            return self.o_proj(out), (kl if want_kl else None)
-
+        q_nope, q_rot, q_latent, c_kv, k_rot = self.project(x, cos, sin)
+        # the indexer learns only from its own KL: its inputs are detached (DeepSeek-V3.2 §2.1)
+        x_i, ql_i = x.detach(), q_latent.detach()
+        index_k = self.indexer.keys(x_i, cos, sin) if (sparse or want_kl) else None
+        allowed = positions[:, None, :] <= positions[:, :, None]  # (B, T, S) causal over absolute positions
         topk, index_scores, kl = None, None, None
         if select or want_kl:
             with torch.set_grad_enabled(want_kl and torch.is_grad_enabled()):
