@@ -83,6 +83,15 @@ def test_figures(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_reward_plot_says_when_the_two_runs_curves_overlap(tmp_path):
+    hist = [{"time": 1.0 + i, "step": i + 1, "reward": r} for i, r in enumerate([0.2, 0.4, 0.3, 0.5, 0.6, 0.4])]
+    near = [dict(h, reward=h["reward"] + 0.01) for h in hist]
+    far = [dict(h, reward=h["reward"] + 0.2) for h in hist]
+    assert "lie on top of each other" in plot_reward_vs_time({"sync": hist, "async": hist}, tmp_path / "a.png")
+    assert "overlap (they differ by ≤ 0.010)" in plot_reward_vs_time({"sync": hist, "async": near}, tmp_path / "b.png")
+    assert plot_reward_vs_time({"sync": hist, "async": far}, tmp_path / "c.png") == ""
+
+
 def test_pass_by_turn_counts_an_episode_solved_at_attempt_2_within_2_not_within_1():
     # task 0: one draw solved at attempt 1, one at attempt 2; task 1: solved at 3; task 2: never solved
     episodes = [[(1.0, 1), (1.0, 2)], [(1.0, 3)], [(0.0, 3)]]

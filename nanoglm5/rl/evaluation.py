@@ -231,11 +231,12 @@ def moving(x, window: int) -> tuple[np.ndarray, np.ndarray]:
     return m, s
 
 
-def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = None, window: int = 5) -> None:
+def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = None, window: int = 5) -> str:
     """Mean batch reward against wall-clock seconds (and against steps), one line per run: the moving average
     over `window` steps with ± one standard deviation shaded, the raw points faint. `evals` marks held-out
     evaluations: {run: [(time_s, value, low, high, label)]}, drawn as points with their interval on the
-    wall-clock panel (sampled pass@1 is an expected reward at the rollout temperature, like the batch reward)."""
+    wall-clock panel (sampled pass@1 is an expected reward at the rollout temperature, like the batch reward).
+    Returns the step panel's title: what it says when the runs' curves overlap ("" when they do not)."""
     import matplotlib  # optional dependency: only figures need it
 
     matplotlib.use("Agg")
@@ -257,8 +258,10 @@ def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = 
             axes[0].errorbar([t], [v], yerr=yerr, fmt="D", color=color, ms=6, capsize=3, mec="black")
             # runs ending together at the same value would write their labels on top of each other ("afterafter"):
             # each run's labels sit at their own height
-            axes[0].annotate(label, (t, v), textcoords="offset points", xytext=(-8, 8 - 14 * i), fontsize=7, color=color,
-                             ha="right")
+            # a label at the start goes right of its bar, the others left: never across the error bar itself
+            start = t <= 0
+            axes[0].annotate(label, (t, v), textcoords="offset points", xytext=(8 if start else -8, 8 - 14 * i),
+                             fontsize=7, color=color, ha="left" if start else "right")
     axes[0].set_xlabel("wall clock (s)")
     axes[1].set_xlabel("optimizer step")
     for ax in axes:
@@ -268,8 +271,15 @@ def plot_reward_vs_time(runs: dict[str, list[dict]], path, evals: dict | None = 
     if evals:
         axes[0].set_title("◆ held-out sampled pass@1 (95% CI) before and after", fontsize=9)
     curves = [[h["reward"] for h in hist] for hist in runs.values() if hist]
+    title = ""
     if len(curves) > 1 and all(c == curves[0] for c in curves):  # say so, or one run looks missing
-        axes[1].set_title(f"{' and '.join(runs)}: the same rewards, the curves lie on top of each other", fontsize=9)
+        title = f"{' and '.join(runs)}: the same rewards, the curves lie on top of each other"
+    elif len(curves) > 1 and len({len(c) for c in curves}) == 1:
+        gap = max(abs(a - b) for c in curves[1:] for a, b in zip(moving(curves[0], window)[0], moving(c, window)[0]))
+        if gap <= 0.03:
+            title = f"{' and '.join(runs)}: the moving means overlap (they differ by ≤ {gap:.3f})"
+    axes[1].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return title
