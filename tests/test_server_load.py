@@ -178,8 +178,11 @@ def test_50_malformed_requests_are_4xx_in_openai_shape_and_the_server_survives(s
 
     # the 50th: a client that reads one chunk of a stream and hangs up; its slot must come back
     eng = server.app.state.engine
-    aborted, abort = [], eng.abort
+    aborted, abort, step = [], eng.abort, eng.step
     eng.abort = lambda rid: aborted.append(abort(rid)) or aborted[-1]
+    # 10 ms per engine step: the 70 tokens cannot all be decoded before the client has read its first chunk
+    # (the engine thread otherwise can finish the reply first on a fast or loaded machine, and nothing is left to abort)
+    eng.step = lambda: time.sleep(0.01) or step()
     try:
         body = {"messages": MSG, "max_tokens": 70, "stream": True, "temperature": 0}
         with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as r:
@@ -190,7 +193,7 @@ def test_50_malformed_requests_are_4xx_in_openai_shape_and_the_server_survives(s
         while time.time() < deadline and any(_health(server)[k] for k in ("running", "waiting", "live")):
             time.sleep(0.05)
     finally:
-        eng.abort = abort
+        eng.abort, eng.step = abort, step
     h = _health(server)
     assert (h["running"], h["waiting"], h["live"]) == (0, 0, 0), h
     assert True in aborted  # freed by the abort, not by running to its end
