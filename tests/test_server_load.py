@@ -188,6 +188,10 @@ def test_50_malformed_requests_are_4xx_in_openai_shape_and_the_server_survives(s
         with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as r:
             assert r.status_code == 200
             next(r.iter_raw())  # one chunk, then close mid-stream
+            # the first chunk (the role) can be written before the engine thread has taken the request: wait for it
+            held = time.time() + 10
+            while time.time() < held and len(eng.running) + len(eng.waiting) == 0:
+                time.sleep(0.005)
             assert len(eng.running) + len(eng.waiting) == 1
         deadline = time.time() + 30
         while time.time() < deadline and any(_health(server)[k] for k in ("running", "waiting", "live")):
